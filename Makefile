@@ -1,0 +1,48 @@
+# `make serve` and `make test` do all the set-up on a fresh machine (Python 3.11-3.14 and pip).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+LOCK ?= requirements/cpu.lock
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(notdir $(LOCK))
+# torch's CPU build is not on PyPI: take it from PyTorch's CPU index, unless pip already has a
+# local wheel folder (PIP_FIND_LINKS), as on machines with no access to that index.
+TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
+.PHONY: setup serve test lint format lock bench-mbr bench-fanout clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is newer than the lock and pyproject, so a second run does nothing.
+$(STAMP): $(LOCK) pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --no-deps $(TORCH_INDEX) -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import vllm, torch, peft, ivon, ivonserve" 2>/dev/null
+	touch $@
+
+serve: setup
+	$(BIN)/ivonserve serve $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Re-resolve the CPU lock from requirements/cpu.in (needs network; review the diff).
+lock: setup
+	$(BIN)/python requirements/lock.py requirements/cpu.in $(LOCK)
+
+bench-mbr: setup
+	$(BIN)/python bench/mbr.py --out bench/results
+
+bench-fanout: setup
+	$(BIN)/python bench/fanout.py --out bench/results
+
+clean:
+	rm -rf $(VENV)

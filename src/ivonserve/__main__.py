@@ -1,0 +1,5 @@
+import sys
+
+from ivonserve.cli import main
+
+sys.exit(main())

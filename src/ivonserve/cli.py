@@ -1,0 +1,186 @@
+"""`ivonserve serve | train | prepare-model | posterior inspect | sample | bench`.
+
+Each subcommand parses its flags here and calls one function of its module; user errors
+(IvonserveError) print as one line on stderr with exit code 2, never as a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+from ivonserve.errors import IvonserveError
+
+DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except IvonserveError as err:
+        print(f"ivonserve: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ivonserve", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(title="commands")
+    _add_serve(commands)
+    _add_train(commands)
+    _add_prepare_model(commands)
+    _add_posterior(commands)
+    _add_sample(commands)
+    _add_bench(commands)
+    return parser
+
+
+def _command(commands, name: str, run: Callable, help: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help, description=help)
+    sub.set_defaults(run=run)
+    return sub
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="a transformers model folder (default: the embedded SmolLM2-135M)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the embedded model is converted to (default: "
+        "$IVONSERVE_CACHE_DIR or ~/.cache/ivonserve)",
+    )
+
+
+def _add_serve(commands) -> None:
+    from ivonserve import config
+
+    sub = _command(commands, "serve", _run_serve, "serve posterior draws with MBR consensus")
+    config.add_cli_arguments(sub)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from ivonserve import config, server
+
+    return server.serve(config.Settings.from_cli(args))
+
+
+def _add_train(commands) -> None:
+    from ivonserve.train import TrainConfig
+
+    sub = _command(commands, "train", _run_train, "IVON-LoRA finetuning that writes a posterior")
+    defaults = TrainConfig(data="", out="")
+    sub.add_argument("--data", required=True, help="jsonl with question/answer (GSM8k format)")
+    sub.add_argument("--out", required=True, help="posterior folder to write (and resume from)")
+    _add_model_flags(sub)
+    for f in fields(TrainConfig):
+        if f.name in ("data", "out", "model"):
+            continue
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, list):
+            sub.add_argument(flag, nargs="+", default=default, help=f"default: {default}")
+        elif f.name == "optimizer":
+            sub.add_argument(flag, choices=["ivon", "adamw"], default=default)
+        else:
+            kind = float if isinstance(default, float) or f.name == "lr" else int
+            sub.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ivonserve.model import resolve_model
+    from ivonserve.train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    config = TrainConfig(**values)
+    out = train(config, resolve_model(args.model, args.cache_dir), progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_prepare_model(commands) -> None:
+    sub = _command(
+        commands, "prepare-model", _run_prepare_model, "convert the embedded model once (cached)"
+    )
+    _add_model_flags(sub)
+
+
+def _run_prepare_model(args: argparse.Namespace) -> int:
+    from ivonserve.model import resolve_model
+
+    print(resolve_model(args.model, args.cache_dir))
+    return 0
+
+
+def _add_posterior(commands) -> None:
+    sub = commands.add_parser("posterior", help="inspect a posterior folder")
+    actions = sub.add_subparsers(title="actions")
+    inspect = _command(actions, "inspect", _run_inspect, "ess, sizes, sigma and SNR statistics")
+    inspect.add_argument("dir", type=Path)
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from ivonserve.posterior import Posterior
+
+    stats = Posterior.load(args.dir).stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"posterior {args.dir}")
+    for key in ("base_model", "ess", "weight_decay", "rank", "target_modules", "num_params"):
+        print(f"  {key:<16} {stats[key]}")
+    print(f"  {'':<24}" + "".join(f"{q:>11}" for q in ("min", "median", "max")))
+    rows = {"sigma (all)": stats["sigma"], "snr |m|/sigma": stats["snr"]}
+    rows |= {f"sigma {k}": v for k, v in stats["sigma_by_module"].items()}
+    for name, q in rows.items():
+        print(f"  {name:<24}" + "".join(f"{q[k]:>11.4g}" for k in ("min", "median", "max")))
+    return 0
+
+
+def _add_sample(commands) -> None:
+    sub = _command(commands, "sample", _run_sample, "write one posterior draw as a PEFT adapter")
+    sub.add_argument("dir", type=Path, help="posterior folder")
+    sub.add_argument("--seed", type=int, required=True)
+    sub.add_argument("--temperature", type=float, default=1.0, help="variance scale; 0: the mean")
+    sub.add_argument("--prune", type=float, default=0.0, help="fraction of entries to zero")
+    sub.add_argument("--prune-by", choices=["variance", "snr"], default="variance")
+    sub.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from ivonserve.posterior import Posterior
+    from ivonserve.sampler import Sampler, SamplerConfig
+
+    config = SamplerConfig(args.temperature, args.prune, args.prune_by)
+    sampler = Sampler(Posterior.load(args.dir), config)
+    print(sampler.write(sampler.draw(args.seed), args.out))
+    return 0
+
+
+def _add_bench(commands) -> None:
+    sub = commands.add_parser("bench", help="benchmarks against a running server")
+    kinds = sub.add_subparsers(title="benchmarks")
+    try:
+        from ivonserve.bench import gsm8k
+    except ImportError:
+        return
+    gsm8k.add_cli_arguments(_command(kinds, "gsm8k", gsm8k.run_cli, gsm8k.__doc__.split("\n")[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""The on-disk IVON-LoRA posterior: a PEFT adapter (the mean) plus IVON's Hessian estimate.
+
+Layout of a posterior folder (see docs in the README):
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the mean m, an ordinary PEFT adapter, so
+  peft and vLLM load the mean model unchanged.
+- ``hessian.safetensors``: h, same keys and shapes as the mean.
+- ``posterior.json``: format tag, version, ess (lambda), weight decay (delta), base model, training.
+
+The variance is IVON's own sampling rule, sigma^2 = 1 / (ess * (h + weight_decay)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ivonserve.errors import IvonserveError
+
+FORMAT = "ivon-lora-posterior"
+VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HESSIAN = "hessian.safetensors"
+METADATA = "posterior.json"
+
+
+class PosteriorError(IvonserveError):
+    """A posterior folder that cannot be used; the message names the file (and key)."""
+
+
+@dataclass
+class Posterior:
+    """A diagonal Gaussian over LoRA weights, keyed like a saved PEFT adapter (no ``.default``)."""
+
+    mean: dict[str, torch.Tensor]
+    hess: dict[str, torch.Tensor]
+    adapter_config: dict[str, Any]
+    ess: float
+    weight_decay: float
+    base_model: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_pair(self.mean, self.hess, where=HESSIAN)
+        for name, value in (("ess", self.ess), ("weight_decay", self.weight_decay)):
+            if not math.isfinite(value) and not (name == "ess" and value == math.inf):
+                raise PosteriorError(f"{METADATA}: {name} must be finite, got {value}")
+        if self.ess <= 0:
+            raise PosteriorError(f"{METADATA}: ess must be > 0, got {self.ess}")
+        if self.weight_decay < 0:
+            raise PosteriorError(f"{METADATA}: weight_decay must be >= 0, got {self.weight_decay}")
+
+    @property
+    def keys(self) -> list[str]:
+        """Parameter names in a fixed (sorted) order, so draws are reproducible across runs."""
+        return sorted(self.mean)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.mean.values())
+
+    @property
+    def rank(self) -> int:
+        return int(self.adapter_config.get("r", 8))
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The base modules the adapter touches; vLLM's LoRA layers are restricted to these."""
+        targets = self.adapter_config.get("target_modules") or []
+        if isinstance(targets, str):
+            targets = [targets]
+        return sorted(targets)
+
+    def variance(self, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """sigma_T^2 = T / (ess * (h + weight_decay)); an infinite ess gives zero variance."""
+        if self.ess == math.inf:
+            return {k: torch.zeros_like(v) for k, v in self.mean.items()}
+        return {
+            k: temperature / (self.ess * (self.hess[k].double() + self.weight_decay))
+            for k in self.mean
+        }
+
+    def sigma(self, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        return {k: v.sqrt() for k, v in self.variance(temperature).items()}
+
+    @classmethod
+    def from_adapter(cls, path: str | Path) -> Posterior:
+        """A plain PEFT adapter (e.g. the AdamW baseline) as a zero-variance posterior."""
+        path = Path(path)
+        config = _read_json(path / ADAPTER_CONFIG)
+        mean = _read_tensors(path / ADAPTER_WEIGHTS)
+        hess = {k: torch.zeros_like(v) for k, v in mean.items()}
+        return cls(mean, hess, config, ess=math.inf, weight_decay=0.0, base_model=None)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Posterior:
+        """Read and validate a posterior folder; a defect raises PosteriorError naming the file."""
+        path = Path(path)
+        if not path.is_dir():
+            raise PosteriorError(f"{path}: not a posterior folder (does not exist)")
+        meta = _read_json(path / METADATA)
+        if meta.get("format") != FORMAT:
+            raise PosteriorError(
+                f"{path / METADATA}: format is {meta.get('format')!r}, expected {FORMAT!r}"
+            )
+        if meta.get("version") != VERSION:
+            raise PosteriorError(
+                f"{path / METADATA}: unknown format version {meta.get('version')!r} "
+                f"(this ivonserve reads version {VERSION})"
+            )
+        for key in ("ess", "weight_decay"):
+            if not isinstance(meta.get(key), int | float):
+                raise PosteriorError(f"{path / METADATA}: missing or non-numeric {key!r}")
+        config = _read_json(path / ADAPTER_CONFIG)
+        mean = _read_tensors(path / ADAPTER_WEIGHTS)
+        hess = _read_tensors(path / HESSIAN)
+        _check_pair(mean, hess, where=str(path / HESSIAN))
+        _check_finite(mean, where=str(path / ADAPTER_WEIGHTS))
+        _check_finite(hess, where=str(path / HESSIAN))
+        for key in sorted(hess):
+            if (hess[key] < 0).any():
+                raise PosteriorError(f"{path / HESSIAN}: key {key!r} has negative entries")
+        try:
+            return cls(
+                mean,
+                hess,
+                config,
+                ess=float(meta["ess"]),
+                weight_decay=float(meta["weight_decay"]),
+                base_model=meta.get("base_model"),
+                training=meta.get("training", {}),
+            )
+        except PosteriorError as err:
+            raise PosteriorError(f"{path}: {err}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the folder; files go to a temporary name first so a crash leaves no torn file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_adapter(path, self.mean, self.adapter_config)
+        _atomic_save_tensors(self.hess, path / HESSIAN)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "ess": self.ess,
+            "weight_decay": self.weight_decay,
+            "base_model": self.base_model,
+            "training": self.training,
+        }
+        _atomic_write_text(path / METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_ivon(
+        cls,
+        peft_model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        base_model: str | None = None,
+        training: dict[str, Any] | None = None,
+        adapter_name: str = "default",
+    ) -> Posterior:
+        """Slice IVON's flat per-group ``hess`` back into one tensor per LoRA parameter.
+
+        IVON keeps h in ``param_groups[g]["hess"]``, the group's params flattened in order.
+        Call this outside ``optimizer.sampled_params()``, where ``p.data`` is the mean, not a
+        sample.
+        """
+        names = {id(p): n for n, p in peft_model.named_parameters()}
+        mean: dict[str, torch.Tensor] = {}
+        hess: dict[str, torch.Tensor] = {}
+        ess = weight_decay = None
+        for group in optimizer.param_groups:
+            flat = group["hess"]
+            offset = 0
+            for param in group["params"]:
+                key = _saved_key(names[id(param)], adapter_name)
+                count = param.numel()
+                mean[key] = param.detach().to(torch.float32).cpu().clone()
+                hess[key] = flat[offset : offset + count].view_as(param).float().cpu().clone()
+                offset += count
+            if offset != flat.numel():
+                raise PosteriorError(f"IVON group hess has {flat.numel()} entries, params {offset}")
+            ess, weight_decay = group["ess"], group["weight_decay"]
+        config = peft_model.peft_config[adapter_name].to_dict()
+        return cls(
+            mean,
+            hess,
+            _json_safe(config),
+            ess=float(ess),
+            weight_decay=float(weight_decay),
+            base_model=base_model,
+            training=training or {},
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Sigma and signal-to-noise summaries, per module kind and overall (for `inspect`)."""
+        sigma = self.sigma()
+        by_module: dict[str, list[torch.Tensor]] = {}
+        for key in self.keys:
+            by_module.setdefault(_module_kind(key), []).append(key)
+        all_keys = self.keys
+        return {
+            "ess": self.ess,
+            "weight_decay": self.weight_decay,
+            "base_model": self.base_model,
+            "rank": self.rank,
+            "target_modules": self.target_modules,
+            "num_params": self.num_params,
+            "num_tensors": len(all_keys),
+            "sigma": _quantiles(torch.cat([sigma[k].flatten() for k in all_keys])),
+            "snr": _quantiles(
+                torch.cat([(self.mean[k].double().abs() / sigma[k]).flatten() for k in all_keys])
+            ),
+            "hess": _quantiles(torch.cat([self.hess[k].double().flatten() for k in all_keys])),
+            "sigma_by_module": {
+                kind: _quantiles(torch.cat([sigma[k].flatten() for k in keys]))
+                for kind, keys in sorted(by_module.items())
+            },
+            "training": self.training,
+        }
+
+
+def validate_against_base(posterior: Posterior, model_dir: str | Path) -> None:
+    """Check every LoRA pair against the base model's weight shapes, reading headers only.
+
+    A posterior trained for another model would otherwise load into vLLM and fail deep inside it.
+    """
+    shapes = base_weight_shapes(Path(model_dir))
+    for key in posterior.keys:
+        module, part = _lora_module(key)
+        weight = f"{module}.weight"
+        if weight not in shapes:
+            raise PosteriorError(
+                f"{ADAPTER_WEIGHTS}: key {key!r} targets {weight!r}, which the base model "
+                f"at {model_dir} does not have"
+            )
+        out_features, in_features = shapes[weight]
+        shape = tuple(posterior.mean[key].shape)
+        if part == "lora_A" and shape[1] != in_features:
+            raise PosteriorError(
+                f"{ADAPTER_WEIGHTS}: key {key!r} has shape {shape}, the base module "
+                f"{weight!r} takes {in_features} inputs"
+            )
+        if part == "lora_B" and shape[0] != out_features:
+            raise PosteriorError(
+                f"{ADAPTER_WEIGHTS}: key {key!r} has shape {shape}, the base module "
+                f"{weight!r} has {out_features} outputs"
+            )
+
+
+def base_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Weight shapes of a transformers folder from its safetensors headers (no tensor is read)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PosteriorError(f"{model_dir}: no *.safetensors weights in the base model folder")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def write_adapter(path: Path, weights: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """One PEFT adapter folder that peft's ``from_pretrained`` and vLLM's ``LoRARequest`` load."""
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save_tensors(weights, path / ADAPTER_WEIGHTS)
+    _atomic_write_text(path / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _saved_key(param_name: str, adapter_name: str) -> str:
+    """Peft drops the adapter name in saved keys: ``lora_A.default.weight`` -> ``lora_A.weight``."""
+    return param_name.replace(f".{adapter_name}.", ".")
+
+
+def _lora_module(key: str) -> tuple[str, str]:
+    """``base_model.model.X.lora_A.weight`` -> (``X``, ``lora_A``)."""
+    for part in ("lora_A", "lora_B"):
+        marker = f".{part}."
+        if marker in key:
+            module = key.split(marker)[0].removeprefix("base_model.model.")
+            return module, part
+    raise PosteriorError(f"{ADAPTER_WEIGHTS}: key {key!r} is not a LoRA A/B weight")
+
+
+def _module_kind(key: str) -> str:
+    module, part = _lora_module(key)
+    return f"{module.rsplit('.', 1)[-1]}.{part}"
+
+
+def _quantiles(values: torch.Tensor) -> dict[str, float]:
+    values = values.double()
+    if values.numel() == 0:
+        return {}
+    qs = torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)
+    sample = values if values.numel() <= 1_000_000 else values[:: values.numel() // 1_000_000]
+    p01, p50, p99 = torch.quantile(sample, qs).tolist()
+    return {
+        "min": values.min().item(),
+        "p01": p01,
+        "median": p50,
+        "p99": p99,
+        "max": values.max().item(),
+    }
+
+
+def _check_pair(mean: dict, hess: dict, where: str) -> None:
+    missing = sorted(set(mean) - set(hess))
+    if missing:
+        raise PosteriorError(f"{where}: missing key {missing[0]!r} (present in the mean adapter)")
+    extra = sorted(set(hess) - set(mean))
+    if extra:
+        raise PosteriorError(f"{where}: key {extra[0]!r} is not in the mean adapter")
+    for key in sorted(mean):
+        if tuple(mean[key].shape) != tuple(hess[key].shape):
+            raise PosteriorError(
+                f"{where}: key {key!r} has shape {tuple(hess[key].shape)}, "
+                f"the mean has {tuple(mean[key].shape)}"
+            )
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for key in sorted(tensors):
+        if not torch.isfinite(tensors[key]).all():
+            raise PosteriorError(f"{where}: key {key!r} has NaN or inf entries")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PosteriorError(f"{path}: missing file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PosteriorError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise PosteriorError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise PosteriorError(f"{path}: missing file")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for a torn or foreign file
+        raise PosteriorError(f"{path}: unreadable safetensors ({err})") from None
+    if not tensors:
+        raise PosteriorError(f"{path}: holds no tensors")
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _json_safe(value: Any) -> Any:
+    """PEFT configs hold sets and enums; make them plain JSON the way PEFT's save does."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        items = [_json_safe(v) for v in value]
+        return sorted(items) if isinstance(value, set) else items
+    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
+        return value.value
+    return value

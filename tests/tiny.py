@@ -1,0 +1,89 @@
+"""A tiny Llama model and a tiny IVON posterior, built by the tests in seconds.
+
+head_dim is 32 (hidden 128, 4 heads): vLLM's CPU attention refuses smaller heads. The tokenizer is a
+byte-level BPE trained here on a few sentences, with a ChatML template like SmolLM2's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
+    "Weng earns 12 dollars an hour for babysitting. Yesterday she did 50 minutes of babysitting.",
+    "Betty is saving money for a new wallet which costs 100 dollars. The answer is 5.",
+    "James writes a 3-page letter to 2 different friends twice a week. #### 624",
+    "The answer is 72. In May she sold 48 / 2 = 24 clips. Altogether 48 + 24 = 72.",
+]
+TRAIN_ROWS = [
+    {"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+    {"question": "What is 4 * 6?", "answer": "4 * 6 = <<4*6=24>>24\n#### 24"},
+    {"question": "Half of 48?", "answer": "48 / 2 = <<48/2=24>>24\n#### 24"},
+    {"question": "What is 10 - 7?", "answer": "10 - 7 = <<10-7=3>>3\n#### 3"},
+]
+
+
+def make_tokenizer(out: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_tiny_model(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama in float32 safetensors with its tokenizer (a few MB, under a second)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(out)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,  # peaked logits: greedy parity is not decided by 1e-6 margins
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_train_data(path: Path) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in TRAIN_ROWS))
+    return path
