@@ -1,0 +1,1 @@
+"""Benchmark clients that ship with the package (so they run inside the container too)."""

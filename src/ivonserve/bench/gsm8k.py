@@ -1,0 +1,349 @@
+"""GSM8k accuracy, calibration and cost of a running ivonserve, over a grid of n_models x n_samples.
+
+HTTP only, so it measures any deployment (a container, a GPU box). One JSON line per (grid point,
+question) goes to ``records.jsonl`` as soon as it is answered, so a rerun skips finished work.
+Grid point ``0x1`` is the mean model with greedy decoding: the paper's baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ivonserve.answers import extract_answer, normalize_answer
+from ivonserve.errors import IvonserveError
+
+RECORDS = "records.jsonl"
+DEFAULT_GRID = "0x1,1x8,4x8,8x8"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    n_models: int
+    n_samples: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.n_models}x{self.n_samples}"
+
+    @property
+    def candidates(self) -> int:
+        return max(1, self.n_models) * self.n_samples
+
+    @classmethod
+    def parse(cls, text: str) -> GridPoint:
+        try:
+            models, samples = (int(part) for part in text.lower().split("x"))
+        except ValueError:
+            raise IvonserveError(f"--grid: {text!r} is not MODELSxSAMPLES (e.g. 4x8)") from None
+        if models < 0 or samples < 1:
+            raise IvonserveError(f"--grid: {text!r} needs n_models >= 0 and n_samples >= 1")
+        return cls(models, samples)
+
+
+@dataclass(frozen=True)
+class Question:
+    index: int
+    question: str
+    gold: str
+
+
+def load_questions(path: Path, limit: int | None) -> list[Question]:
+    """GSM8k rows (`question`, `answer` ending in `#### N`), the gold answer normalised."""
+    if not path.is_file():
+        raise IvonserveError(f"{path}: data file not found")
+    questions = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            gold = extract_answer(row["answer"].rsplit("####", 1)[-1])
+            question = str(row["question"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise IvonserveError(
+                f"{path}:{number}: expected a JSON object with 'question' and 'answer'"
+            ) from None
+        if gold is None:
+            raise IvonserveError(f"{path}:{number}: the answer has no '#### N' number")
+        questions.append(Question(len(questions), question, gold))
+        if limit is not None and len(questions) >= limit:
+            break
+    if not questions:
+        raise IvonserveError(f"{path}: no questions")
+    return questions
+
+
+def request_body(point: GridPoint, question: Question, args: argparse.Namespace) -> dict:
+    greedy = point.n_models == 0 and point.n_samples == 1
+    return {
+        "prompt": question.question,
+        "n_models": point.n_models,
+        "n_samples": point.n_samples,
+        "max_tokens": args.max_tokens,
+        "temperature": 0.0 if greedy else args.temperature,
+        "seed": args.seed + question.index,
+        "selection": args.selection,
+        "utility": args.utility,
+    }
+
+
+def load_done(path: Path) -> dict[tuple[str, int], dict]:
+    """Finished records by (grid label, question index); a torn last line is ignored."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[(row["grid"], row["index"])] = row
+    return done
+
+
+async def run_point(
+    client: httpx.AsyncClient,
+    point: GridPoint,
+    todo: list[Question],
+    args: argparse.Namespace,
+    sink: Any,
+) -> float:
+    """Ask every question of one grid point, `concurrency` at a time; returns the wall time."""
+    from tqdm import tqdm
+
+    semaphore = asyncio.Semaphore(args.concurrency)
+    bar = tqdm(total=len(todo), desc=point.label, unit="q", disable=args.no_progress)
+
+    async def ask(question: Question) -> None:
+        async with semaphore:
+            began = time.perf_counter()
+            response = await client.post("/generate", json=request_body(point, question, args))
+            latency = time.perf_counter() - began
+        if response.status_code != 200:
+            raise IvonserveError(
+                f"{args.url}/generate answered {response.status_code}: {response.text[:300]}"
+            )
+        body = response.json()
+        predicted = body.get("answer")
+        row = {
+            "grid": point.label,
+            "index": question.index,
+            "gold": question.gold,
+            "answer": predicted,
+            "correct": predicted is not None and normalize_answer(predicted) == question.gold,
+            "confidence": body.get("confidence"),
+            "completion_tokens": body.get("usage", {}).get("completion_tokens", 0),
+            "latency_s": round(latency, 4),
+        }
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        bar.update(1)
+
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(ask(q) for q in todo))
+    finally:
+        bar.close()
+    return time.perf_counter() - began
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval: sane at 0% and 100%, unlike the normal approximation."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error over equal-width confidence bins, and the bins themselves."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if not inside.any():
+            continue
+        conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
+        ece += inside.mean() * abs(conf - acc)
+        rows.append({"bin": b, "count": int(inside.sum()), "confidence": conf, "accuracy": acc})
+    return {"ece": float(ece), "bins": rows}
+
+
+def summarise(point: GridPoint, rows: list[dict], wall_s: float | None) -> dict:
+    correct = np.array([r["correct"] for r in rows], dtype=float)
+    confidence = np.array([r["confidence"] or 0.0 for r in rows], dtype=float)
+    latency = np.array([r["latency_s"] for r in rows])
+    tokens = int(sum(r["completion_tokens"] for r in rows))
+    low, high = wilson_interval(int(correct.sum()), len(rows))
+    summary = {
+        "grid": point.label,
+        "n_models": point.n_models,
+        "n_samples": point.n_samples,
+        "candidates": point.candidates,
+        "questions": len(rows),
+        "accuracy": float(correct.mean()),
+        "accuracy_ci95": [low, high],
+        "answered": float(np.mean([r["answer"] is not None for r in rows])),
+        "calibration": calibration(confidence, correct),
+        "latency_s": {f"p{q}": float(np.percentile(latency, q)) for q in (50, 95, 99)},
+        "completion_tokens": tokens,
+        "tokens_per_question": tokens / len(rows),
+    }
+    if wall_s:  # only when every question of the point ran in this invocation
+        summary["questions_per_s"] = len(rows) / wall_s
+        summary["tokens_per_s"] = tokens / wall_s
+    return summary
+
+
+def write_report(out: Path, results: dict) -> None:
+    lines = [
+        "# GSM8k with ivonserve",
+        "",
+        f"Server {results['url']}, data {results['data']}, {results['questions']} questions, "
+        f"selection `{results['selection']}`, utility `{results['utility']}`, "
+        f"max_tokens {results['max_tokens']}, temperature {results['temperature']}.",
+        "",
+        "| grid | candidates | accuracy | 95% CI | answered | ECE | p50 s | p95 s | tok/question"
+        " | tok/s | q/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results["points"]:
+        low, high = s["accuracy_ci95"]
+        lines.append(
+            f"| {s['grid']} | {s['candidates']} | {s['accuracy']:.3f} | [{low:.3f}, {high:.3f}] "
+            f"| {s['answered']:.2f} | {s['calibration']['ece']:.3f} "
+            f"| {s['latency_s']['p50']:.2f} | {s['latency_s']['p95']:.2f} "
+            f"| {s['tokens_per_question']:.0f} | {_fmt(s.get('tokens_per_s'))} "
+            f"| {_fmt(s.get('questions_per_s'), 3)} |"
+        )
+    lines += ["", "Plots: `accuracy.png` (accuracy and tokens against candidates per question),"]
+    lines += ["`reliability.png` (confidence against accuracy per grid point).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_plots(out: Path, points: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, left = plt.subplots(figsize=(6, 4))
+    x = [p["candidates"] for p in points]
+    acc = [p["accuracy"] for p in points]
+    err = [[a - p["accuracy_ci95"][0] for a, p in zip(acc, points, strict=True)],
+           [p["accuracy_ci95"][1] - a for a, p in zip(acc, points, strict=True)]]  # fmt: skip
+    left.errorbar(x, acc, yerr=err, marker="o", capsize=3, label="accuracy")
+    for p in points:
+        left.annotate(p["grid"], (p["candidates"], p["accuracy"]), fontsize=8)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("candidates per question")
+    left.set_ylabel("accuracy (95% CI)")
+    right = left.twinx()
+    right.plot(x, [p["tokens_per_question"] for p in points], "s--", color="grey")
+    right.set_ylabel("generated tokens per question", color="grey")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(points), figsize=(3 * len(points), 3), squeeze=False)
+    for axis, p in zip(axes[0], points, strict=True):
+        bins = p["calibration"]["bins"]
+        axis.plot([0, 1], [0, 1], ":", color="grey")
+        axis.bar(
+            [b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=0.08, alpha=0.7
+        )
+        axis.set_title(f"{p['grid']}  ECE {p['calibration']['ece']:.3f}", fontsize=9)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("confidence")
+    axes[0][0].set_ylabel("accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    questions = load_questions(Path(args.data), args.limit)
+    grid = [GridPoint.parse(part) for part in args.grid.split(",") if part.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = load_done(out / RECORDS)
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    summaries = []
+    async with httpx.AsyncClient(base_url=args.url, timeout=timeout) as client:
+        await _check_server(client, args.url)
+        with (out / RECORDS).open("a") as sink:
+            for point in grid:
+                todo = [q for q in questions if (point.label, q.index) not in done]
+                wall = await run_point(client, point, todo, args, sink) if todo else None
+                done = load_done(out / RECORDS)
+                rows = [done[(point.label, q.index)] for q in questions]
+                full_run = len(todo) == len(questions)
+                summaries.append(summarise(point, rows, wall if full_run else None))
+    results = {
+        "url": args.url,
+        "data": str(args.data),
+        "questions": len(questions),
+        "selection": args.selection,
+        "utility": args.utility,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "points": summaries,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(out, results)
+    write_plots(out, summaries)
+    return results
+
+
+async def _check_server(client: httpx.AsyncClient, url: str) -> None:
+    try:
+        response = await client.get("/ready")
+    except httpx.HTTPError as err:
+        raise IvonserveError(f"{url}: cannot reach the server ({type(err).__name__})") from None
+    if response.status_code != 200:
+        raise IvonserveError(f"{url}/ready answered {response.status_code}: not ready")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure")
+    parser.add_argument("--data", required=True, help="GSM8k jsonl (e.g. test.jsonl)")
+    parser.add_argument("--limit", type=int, help="first N questions only")
+    parser.add_argument("--grid", default=DEFAULT_GRID, help="n_models x n_samples points")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--selection", default="model", help="MBR method")
+    parser.add_argument("--utility", default="answer", help="MBR utility")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampled points (not 0x1)")
+    parser.add_argument("--seed", type=int, default=0, help="question i uses seed + i")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--out", default="bench/results/gsm8k", help="results folder")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    results = asyncio.run(run(args))
+    for s in results["points"]:
+        low, high = s["accuracy_ci95"]
+        print(
+            f"{s['grid']:>6}: accuracy {s['accuracy']:.3f} [{low:.3f}, {high:.3f}] "
+            f"ECE {s['calibration']['ece']:.3f} p50 {s['latency_s']['p50']:.2f}s"
+        )
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
