@@ -182,7 +182,7 @@ CORRUPTIONS = {
         lambda d: _edit_tensors(
             d / "hessian.safetensors", lambda t: t[_first(t)].view(-1)[1].fill_(-1.0)
         ),
-        r"hessian.safetensors: key '.*' has negative entries",
+        r"hessian.safetensors: key '.*' has entries with h \+ weight_decay <= 0",
     ),
     "truncated safetensors": (
         lambda d: (d / "hessian.safetensors").write_bytes(
@@ -204,6 +204,17 @@ def test_every_defect_is_named(saved, name):
     with pytest.raises(PosteriorError, match=message) as info:
         Posterior.load(saved)
     assert "\n" not in str(info.value)
+
+
+def test_slightly_negative_h_within_weight_decay_is_valid(saved):
+    """IVON keeps h + delta > 0, not h >= 0: a trained posterior may hold h in (-delta, 0)."""
+    delta = json.loads((saved / "posterior.json").read_text())["weight_decay"]
+    _edit_tensors(
+        saved / "hessian.safetensors", lambda t: t[_first(t)].view(-1)[0].fill_(-delta / 2)
+    )
+    post = Posterior.load(saved)
+    variance = post.variance()[post.keys[0]].view(-1)[0].item()
+    assert variance == pytest.approx(2 / (post.ess * delta), rel=1e-6)  # h stored in float32
 
 
 def test_not_a_folder(tmp_path):

@@ -124,9 +124,7 @@ class Posterior:
         _check_pair(mean, hess, where=str(path / HESSIAN))
         _check_finite(mean, where=str(path / ADAPTER_WEIGHTS))
         _check_finite(hess, where=str(path / HESSIAN))
-        for key in sorted(hess):
-            if (hess[key] < 0).any():
-                raise PosteriorError(f"{path / HESSIAN}: key {key!r} has negative entries")
+        _check_precision(hess, float(meta["weight_decay"]), where=str(path / HESSIAN))
         try:
             return cls(
                 mean,
@@ -332,6 +330,20 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     for key in sorted(tensors):
         if not torch.isfinite(tensors[key]).all():
             raise PosteriorError(f"{where}: key {key!r} has NaN or inf entries")
+
+
+def _check_precision(hess: dict[str, torch.Tensor], weight_decay: float, where: str) -> None:
+    """The precision h + weight_decay must be > 0 (negative h itself is fine up to -delta).
+
+    IVON's Hessian update keeps h + delta positive, not h: h_new + delta >= (h + delta) / 2, so a
+    trained posterior can hold entries slightly below zero (seen: -5e-7 with delta = 1e-6).
+    """
+    for key in sorted(hess):
+        if (hess[key].double() + weight_decay <= 0).any():
+            raise PosteriorError(
+                f"{where}: key {key!r} has entries with h + weight_decay <= 0 "
+                f"(negative h below -{weight_decay}: no valid variance)"
+            )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
