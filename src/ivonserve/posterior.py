@@ -373,6 +373,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.chmod(0o644)  # safetensors creates 0600; a posterior is shared (containers: non-root)
     tmp.replace(path)
 
 
