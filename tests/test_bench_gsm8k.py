@@ -1,0 +1,102 @@
+"""`ivonserve bench gsm8k` against the live tiny server: results, accuracy, resume, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ivonserve.bench import gsm8k
+from ivonserve.cli import build_parser
+
+QUESTIONS = [
+    {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+    {"question": "Half of 48?", "answer": "48 / 2 = 24\n#### 24"},
+    {"question": "A dozen eggs cost $1,200 in Wonderland?", "answer": "#### 1,200"},
+]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+def _args(url: str, data: Path, out: Path, *extra: str):
+    argv = ["bench", "gsm8k", "--url", url, "--data", str(data), "--out", str(out)]
+    argv += ["--grid", "0x1,2x2", "--max-tokens", "8", "--no-progress", *extra]
+    return build_parser().parse_args(argv)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_results_fields_and_accuracy_from_the_records(live, data, tmp_path):
+    out = tmp_path / "run"
+    results = asyncio.run(gsm8k.run(_args(live.url, data, out)))
+    assert results == json.loads((out / "results.json").read_text())
+    assert {p["grid"] for p in results["points"]} == {"0x1", "2x2"}
+    records = _records(out)
+    assert len(records) == 6
+    assert {r["gold"] for r in records} == {"5", "24", "1200"}
+    for point in results["points"]:
+        rows = [r for r in records if r["grid"] == point["grid"]]
+        assert point["accuracy"] == sum(r["correct"] for r in rows) / 3
+        assert point["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+        assert point["candidates"] == (1 if point["grid"] == "0x1" else 4)
+        low, high = point["accuracy_ci95"]
+        assert 0 <= low <= point["accuracy"] <= high <= 1
+        assert set(point["latency_s"]) == {"p50", "p95", "p99"}
+        assert point["tokens_per_s"] > 0 and point["questions_per_s"] > 0
+        assert 0 <= point["calibration"]["ece"] <= 1
+    # at most 8 tokens per candidate: 3 questions x 1 (greedy 0x1) or x 4 candidates (2x2)
+    tokens = {p["grid"]: p["completion_tokens"] for p in results["points"]}
+    assert 0 < tokens["0x1"] <= 24 and 24 < tokens["2x2"] <= 96
+    for name in ("report.md", "accuracy.png", "reliability.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_rerun_skips_finished_questions(live, data, tmp_path):
+    out = tmp_path / "resume"
+    asyncio.run(gsm8k.run(_args(live.url, data, out)))
+    first = _records(out)
+    # A killed run: the last answer never made it to disk.
+    lines = (out / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    results = asyncio.run(gsm8k.run(_args(live.url, data, out)))
+    again = _records(out)
+    assert len(again) == 6
+    assert again[:5] == first[:5]  # untouched: those were not asked again
+    assert (again[5]["grid"], again[5]["index"]) == (first[5]["grid"], first[5]["index"])
+    # Throughput needs a full run of a point; the resumed point reports none.
+    resumed = {p["grid"]: p for p in results["points"]}
+    assert "tokens_per_s" not in resumed[first[5]["grid"]]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ivonserve", "bench", "gsm8k", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bad_url_and_bad_data_are_one_line_errors(data, tmp_path):
+    run = _cli("--url", "http://127.0.0.1:9", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "cannot reach the server" in run.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no answer"}\n')
+    run = _cli("--data", str(bad), "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "bad.jsonl:1: expected a JSON object" in run.stderr
+    run = _cli("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "missing.jsonl: data file not found" in run.stderr
+    run = _cli("--data", str(data), "--grid", "4by8", "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "--grid: '4by8' is not MODELSxSAMPLES" in run.stderr

@@ -1,0 +1,136 @@
+"""End to end: `ivonserve serve` as a real process on the packaged SmolLM2-135M, over real HTTP.
+
+The posterior is $IVONSERVE_E2E_POSTERIOR if set, else the repository's default
+posteriors/smollm2-135m-gsm8k. It is copied first, so a training run still writing there cannot
+tear it.
+Kept cheap: a pool of 2 draws, 2 x 2 candidates of 32 tokens. Runs last (conftest orders e2e
+tests last) after the shared tiny engine is stopped: one vLLM engine at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, stop_live_servers
+
+from ivonserve.config import repo_root
+
+pytestmark = pytest.mark.e2e
+
+E2E_ENV = "IVONSERVE_E2E_POSTERIOR"
+POSTERIOR_FILES = (
+    "posterior.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "hessian.safetensors",
+)
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. How many clips did Natalia sell altogether in April and May?"
+)
+
+
+def e2e_posterior() -> Path:
+    if env := os.environ.get(E2E_ENV):
+        return Path(env)
+    return repo_root() / "posteriors" / "smollm2-135m-gsm8k"
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "ivonserve"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ivonserve.cli"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
+    source = e2e_posterior()
+    stop_live_servers()  # one vLLM engine at a time
+    from ivonserve.model import resolve_model
+
+    resolve_model(None)  # converts the embedded GGUF once (cached), outside the start-up clock
+    root = tmp_path_factory.mktemp("e2e")
+    posterior = root / "posterior"
+    posterior.mkdir()
+    for name in POSTERIOR_FILES:
+        shutil.copy2(source / name, posterior / name)
+    port = free_port()
+    log = (root / "serve.log").open("w")
+    command = [
+        *_command(), "serve",
+        "--posterior", str(posterior),
+        "--posterior-name", "smollm2-135m-gsm8k",
+        "--pool-size", "2",
+        "--port", str(port),
+        "--enforce-eager",
+        "--max-model-len", "1024",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    began = time.monotonic()
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"ivonserve serve exited ({proc.returncode}):\n{_tail(root)}")
+                if time.monotonic() - began > 900:
+                    pytest.fail(f"not ready after 900 s:\n{_tail(root)}")
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+        yield url, time.monotonic() - began
+    finally:
+        proc.send_signal(signal.SIGINT)  # uvicorn shuts down; the lifespan stops the engine
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _tail(root: Path) -> str:
+    """The log's last lines, without the settings table printed at start-up."""
+    lines = (root / "serve.log").read_text(errors="replace").splitlines()
+    kept = [line for line in lines if not line.startswith("  ")]
+    return "\n".join(kept[-40:])
+
+
+def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_server):
+    url, startup_s = smollm2_server
+    with httpx.Client(base_url=url, timeout=300) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        assert card["id"] == "smollm2-135m-gsm8k" and card["pool_size"] == 2
+        body = {
+            "prompt": QUESTION,
+            "n_models": 2,
+            "n_samples": 2,
+            "max_tokens": 32,
+            "seed": 0,
+            "return_candidates": True,
+        }
+        answer = client.post("/generate", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    candidates = result["candidates"]
+    assert [(c["model"], c["sample"]) for c in candidates] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(c["text"].strip() and 1 <= c["tokens"] <= 32 for c in candidates)
+    assert result["text"] in {c["text"] for c in candidates}
+    assert 0.0 <= result["confidence"] <= 1.0
+    assert result["usage"]["completion_tokens"] == sum(c["tokens"] for c in candidates)
+    print(
+        f"\nSmolLM2 e2e: ready after {startup_s:.1f} s; /generate 2x2x32 took "
+        f"{result['timing']['total_s']:.2f} s; answer {result['answer']!r}, "
+        f"confidence {result['confidence']:.2f}"
+    )

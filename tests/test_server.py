@@ -1,0 +1,307 @@
+"""The HTTP server over real HTTP (uvicorn in a thread, httpx), on the shared tiny engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from conftest import POOL_SIZE
+
+from ivonserve import cli, mbr
+from ivonserve.config import Settings, add_cli_arguments
+from ivonserve.errors import IvonserveError
+from ivonserve.server import ApiError, GenerateService
+
+PROMPT = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
+
+
+def post(client: httpx.Client, body: dict, status: int = 200) -> dict:
+    answer = client.post("/generate", json=body)
+    assert answer.status_code == status, answer.text
+    assert "Traceback" not in answer.text
+    return answer.json()
+
+
+# --- start-up ---------------------------------------------------------------------------------
+def test_app_answers_while_the_engine_starts(live):
+    probe = live.startup_probe
+    assert probe["health"] == (200, {"status": "ok"})
+    code, body = probe["ready"]
+    assert code == 503 and body["status"] == "starting"
+    code, body = probe["generate"]
+    assert code == 503
+    assert body["error"]["code"] == 503 and "not ready" in body["error"]["message"]
+    code, body = probe["models"]
+    assert code == 200 and body["data"][0]["ready"] is False
+
+
+def test_health_ready_and_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    (card,) = models["data"]
+    assert card["id"] == "tiny" and card["pool_size"] == POOL_SIZE and card["ready"] is True
+
+
+# --- generation -------------------------------------------------------------------------------
+def test_greedy_text_equals_peft_for_every_draw_and_the_mean(client, engine, hf):
+    body = {
+        "prompt": PROMPT,
+        "n_models": POOL_SIZE,
+        "n_samples": 1,
+        "temperature": 0,
+        "max_tokens": 16,
+        "ignore_eos": True,
+        "return_candidates": True,
+    }
+    draws = post(client, body)
+    mean = post(client, {**body, "n_models": 0})
+    pool = engine.pools["tiny"]
+    prompt_ids = hf.prompt_ids(PROMPT)
+    assert [c["model"] for c in draws["candidates"]] == list(range(POOL_SIZE))
+    for cand in draws["candidates"]:
+        expected = hf.greedy(pool.draws[cand["model"]].lora_path, prompt_ids, 16)
+        assert cand["text"] == hf.decode(expected), f"draw {cand['model']}"
+        assert cand["tokens"] == 16
+    (only,) = mean["candidates"]
+    assert only["model"] is None
+    assert only["text"] == hf.decode(hf.greedy(pool.mean.lora_path, prompt_ids, 16))
+    assert mean["text"] == only["text"] and mean["chosen_model"] is None
+
+
+def test_fan_out_over_http(client):
+    body = {
+        "prompt": PROMPT,
+        "n_models": 3,
+        "n_samples": 2,
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 11,
+        "return_candidates": True,
+    }
+    first = post(client, body)
+    cands = first["candidates"]
+    assert [(c["model"], c["sample"]) for c in cands] == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
+    ]  # fmt: skip
+    assert len({c["text"] for c in cands}) >= 4  # different draws, different candidates
+    assert first["text"] in {c["text"] for c in cands}
+    pick = (first["chosen_model"], first["chosen_sample"])
+    chosen = [c for c in cands if (c["model"], c["sample"]) == pick]
+    assert chosen and chosen[0]["text"] == first["text"]
+    eligible = [c for c in cands if c["answer"] is not None] or cands  # answers first
+    assert chosen[0]["score"] == max(c["score"] for c in eligible)
+    assert 0 <= first["confidence"] <= 1
+    # echoed settings, defaults filled in
+    assert first["n_models"] == 3 and first["n_samples"] == 2 and first["seed"] == 11
+    assert first["selection"] == "model" and first["utility"] == "chrf"
+    assert first["max_tokens"] == 12 and first["temperature"] == 1.0 and first["top_p"] == 1.0
+    usage = first["usage"]
+    assert usage["completion_tokens"] == sum(c["tokens"] for c in cands)
+    assert usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    timing = first["timing"]
+    assert 0 <= timing["generate_s"] <= timing["total_s"] and timing["select_s"] >= 0
+    # the same seed gives the same response
+    again = post(client, body)
+    for key in ("text", "answer", "confidence", "chosen_model", "chosen_sample", "usage"):
+        assert again[key] == first[key]
+    assert again["candidates"] == first["candidates"]
+    assert again["id"] != first["id"]
+
+
+def test_defaults_messages_and_random_seed(client, tiny_settings):
+    first = post(client, {"prompt": "What is 2 + 3?", "return_candidates": False})
+    assert first["candidates"] is None
+    assert first["n_models"] == tiny_settings.default_n_models
+    assert first["n_samples"] == tiny_settings.default_n_samples
+    assert first["max_tokens"] == tiny_settings.default_max_tokens
+    assert first["temperature"] == tiny_settings.default_temperature
+    assert first["seed"] >= 0 and first["model"] == "tiny"
+    # messages = the prompt as one user message (same chat template, same seed: same answer)
+    seeded = {"n_models": 2, "n_samples": 2, "seed": 5, "return_candidates": True}
+    by_prompt = post(client, {"prompt": "What is 2 + 3?", **seeded})
+    by_messages = post(
+        client, {"messages": [{"role": "user", "content": "What is 2 + 3?"}], **seeded}
+    )
+    assert by_messages["candidates"] == by_prompt["candidates"]
+    with_system = post(
+        client,
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "What is 2 + 3?"}], **seeded},
+    )  # fmt: skip
+    assert with_system["usage"]["prompt_tokens"] > by_prompt["usage"]["prompt_tokens"]
+    # the named posterior is accepted
+    assert post(client, {"prompt": "hi", "model": "tiny", "max_tokens": 2})["model"] == "tiny"
+
+
+@pytest.mark.parametrize("method", sorted(mbr.METHODS))
+def test_every_selection_method(client, method):
+    body = {"prompt": PROMPT, "n_models": 2, "n_samples": 2, "max_tokens": 8, "seed": 3}
+    answer = post(client, {**body, "selection": method, "return_candidates": True})
+    assert answer["selection"] == method
+    assert answer["text"] in {c["text"] for c in answer["candidates"]}
+
+
+@pytest.mark.parametrize("utility", sorted(mbr.UTILITIES))
+def test_every_utility(client, utility):
+    body = {"prompt": PROMPT, "n_models": 2, "n_samples": 2, "max_tokens": 8, "seed": 3}
+    assert post(client, {**body, "utility": utility})["utility"] == utility
+
+
+# --- invalid input ------------------------------------------------------------------------------
+BAD = [
+    ({}, "prompt"),
+    ({"max_tokens": 4}, "prompt"),
+    ({"prompt": PROMPT, "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": PROMPT, "n_models": POOL_SIZE + 1}, "n_models"),
+    ({"prompt": PROMPT, "n_models": -1}, "n_models"),
+    ({"prompt": PROMPT, "n_samples": 0}, "n_samples"),
+    ({"prompt": PROMPT, "n_models": 4, "n_samples": 17}, "max_candidates"),
+    ({"prompt": PROMPT, "n_models": 0, "n_samples": 65}, "max_candidates"),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ({"prompt": PROMPT, "max_tokens": 481}, "max_tokens"),
+    ({"prompt": PROMPT, "max_tokens": 480, "n_models": 1, "n_samples": 1}, "max_tokens"),
+    ({"prompt": PROMPT, "temperature": -1}, "temperature"),
+    ({"prompt": PROMPT, "top_p": 0}, "top_p"),
+    ({"prompt": PROMPT, "seed": -5}, "seed"),
+    ({"prompt": PROMPT, "stop": [""]}, "stop"),
+    ({"prompt": 123}, "prompt"),
+    ({"prompt": PROMPT, "n_models": "many"}, "n_models"),
+    ({"prompt": PROMPT, "n_samples": 1.5}, "n_samples"),
+    ({"prompt": PROMPT, "return_candidates": "maybe"}, "return_candidates"),
+    ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x", "name": "me"}]}, "messages.0.name"),
+    ({"prompt": PROMPT, "foo": 1}, "foo"),
+    ({"prompt": PROMPT, "n": 2}, "n"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD, ids=[json.dumps(b)[:60] for b, _ in BAD])
+def test_invalid_input_is_422_naming_the_field(client, body, field):
+    error = post(client, body, status=422)["error"]
+    assert error["code"] == 422 and error["type"] == "BadRequestError"
+    assert field in error["message"], error
+    if field not in ("prompt", "max_candidates"):
+        assert error["param"] == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "valid"),
+    [("selection", "best", sorted(mbr.METHODS)), ("utility", "bertscore", sorted(mbr.UTILITIES))],
+)
+def test_unknown_selection_or_utility_lists_the_valid_names(client, field, value, valid):
+    error = post(client, {"prompt": PROMPT, field: value}, status=422)["error"]
+    assert error["param"] == field and value in error["message"]
+    for name in valid:
+        assert name in error["message"]
+
+
+def test_malformed_json_unknown_model_and_routes(client):
+    answer = client.post(
+        "/generate", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 422 and "error" in answer.json()
+    error = post(client, {"prompt": PROMPT, "model": "nope"}, status=404)["error"]
+    assert error["param"] == "model" and "tiny" in error["message"]
+    assert client.get("/nope").status_code == 404
+    assert client.get("/generate").status_code == 405
+    assert client.get("/health").status_code == 200  # still alive
+
+
+# --- cancellation -----------------------------------------------------------------------------
+def test_client_disconnect_aborts_its_engine_requests(live, client, engine):
+    body = json.dumps(
+        {
+            "prompt": PROMPT,
+            "n_models": POOL_SIZE,
+            "n_samples": 16,
+            "max_tokens": 450,
+            "temperature": 1.0,
+            "ignore_eos": True,
+        }
+    ).encode()
+    aborted_before = engine.aborted_requests
+    sock = socket.create_connection(("127.0.0.1", live.port))
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + 60
+    while engine.num_unfinished_requests() < POOL_SIZE * 16:
+        assert time.monotonic() < deadline, "the request never reached the engine"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert engine.num_unfinished_requests() == POOL_SIZE * 16  # still generating
+    sock.close()  # the client goes away mid-request
+    deadline = time.monotonic() + 5  # the full request takes ~25 s here
+    while time.monotonic() < deadline and (
+        engine.num_unfinished_requests() or engine.aborted_requests == aborted_before
+    ):
+        time.sleep(0.02)
+    assert engine.num_unfinished_requests() == 0
+    assert engine.aborted_requests - aborted_before == POOL_SIZE
+    assert post(client, {"prompt": "hi", "max_tokens": 2})["text"] is not None
+
+
+def test_request_timeout_is_504_and_aborts(live, engine, tiny_settings):
+    state = live.app.state.engine_state
+    service = GenerateService(tiny_settings.model_copy(update={"request_timeout_s": 0.5}), state)
+    from ivonserve.protocol import GenerateRequest
+
+    request = GenerateRequest(
+        prompt=PROMPT, n_models=2, n_samples=8, max_tokens=450, temperature=1.0, ignore_eos=True
+    )
+    with pytest.raises(ApiError) as err:
+        live.run(service.generate(request))
+    assert err.value.status == 504
+    time.sleep(0.1)
+    assert engine.num_unfinished_requests() == 0
+
+
+# --- settings and the CLI (no engine) ----------------------------------------------------------
+def test_every_setting_has_a_documented_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, field in Settings.model_fields.items():
+        assert "--" + name.replace("_", "-") in text
+        assert field.description, name
+        assert f"IVONSERVE_{name.upper()}" in text
+
+
+def test_flags_override_the_environment(monkeypatch):
+    monkeypatch.setenv("IVONSERVE_POOL_SIZE", "5")
+    monkeypatch.setenv("IVONSERVE_PORT", "9001")
+    parser = add_cli_arguments(argparse.ArgumentParser())
+    settings = Settings.from_cli(parser.parse_args(["--pool-size", "3", "--dtype", "none"]))
+    assert settings.pool_size == 3 and settings.port == 9001 and settings.dtype is None
+    assert Settings.from_cli(parser.parse_args(["--enforce-eager"])).enforce_eager is True
+    with pytest.raises(IvonserveError, match="pool_size"):
+        Settings.from_cli(parser.parse_args(["--pool-size", "zero"]))
+    with pytest.raises(IvonserveError, match="prune"):
+        Settings.from_cli(parser.parse_args(["--prune", "1.5"]))
+    with pytest.raises(IvonserveError, match=r"default_selection.*valid: flat"):
+        Settings.from_cli(parser.parse_args(["--default-selection", "best"]))
+    defaults = Settings()
+    assert defaults.pool_size == 5  # from the environment
+    assert str(defaults.posterior).endswith("posteriors/smollm2-135m-gsm8k")
+    assert defaults.served_name == "smollm2-135m-gsm8k"
+
+
+def test_serve_refuses_a_missing_posterior_in_one_line(tmp_path, capsys):
+    code = cli.main(["serve", "--posterior", str(tmp_path / "none"), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no posterior there" in err and "Traceback" not in err
