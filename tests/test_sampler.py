@@ -119,6 +119,21 @@ def test_pruning_zeroes_the_chosen_fraction_everywhere(posterior, prune_by):
     assert score[dropped].min() >= score[~dropped].max()
 
 
+def test_plain_adapter_draws_are_the_adapter(posterior_dir, tmp_path):
+    """`serve --adapter`: a zero-variance posterior, so every draw equals the adapter itself."""
+    import shutil
+
+    adapter = tmp_path / "adamw"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(posterior_dir / name, adapter / name)
+    post = Posterior.from_adapter(adapter)
+    sampler = Sampler(post, SamplerConfig(temperature=1.0, prune=0.1))
+    assert sampler.mask is None  # no uncertainty to prune by: the adapter stays whole
+    for key, value in sampler.draw(draw_seed(0, 3)).items():
+        assert torch.equal(value, post.mean[key])
+
+
 def test_bad_sampler_config_is_refused():
     for bad in ({"temperature": -1}, {"prune": 1.0}, {"prune_by": "size"}):
         with pytest.raises(IvonserveError):

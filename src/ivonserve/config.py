@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         default_factory=default_posterior,
         description=f"IVON posterior folder to serve (default: the repo's {DEFAULT_POSTERIOR})",
     )
+    adapter: Path | None = Field(
+        None,
+        description="serve a plain PEFT adapter (e.g. `ivonserve train --optimizer adamw`) as a "
+        "zero-variance posterior instead of --posterior: every draw is the adapter itself",
+    )
     posterior_name: str | None = Field(
         None,
         description="name of the posterior in /v1/models and the request's `model` "
@@ -179,7 +184,7 @@ class Settings(BaseSettings):
     @property
     def served_name(self) -> str:
         """The posterior's name in /v1/models and in a request's `model` field."""
-        return self.posterior_name or Path(self.posterior).name
+        return self.posterior_name or Path(self.adapter or self.posterior).name
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> Settings:

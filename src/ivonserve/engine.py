@@ -211,7 +211,7 @@ class Engine:
 
     def posterior_specs(self) -> list[tuple[str, Path]]:
         """(served name, folder) of every posterior to load; one today (the settings')."""
-        return [(self.settings.served_name, Path(self.settings.posterior))]
+        return [(self.settings.served_name, Path(self.settings.adapter or self.settings.posterior))]
 
     async def _start(self) -> None:
         began = time.perf_counter()
@@ -256,7 +256,9 @@ class Engine:
         from ivonserve.sampler import Sampler, SamplerConfig
 
         s = self.settings
-        posterior = Posterior.load(path)
+        # A plain adapter (the AdamW baseline) is served as a zero-variance posterior, so one
+        # client compares IVON draws, the IVON mean and AdamW under the same grid.
+        posterior = Posterior.from_adapter(path) if s.adapter else Posterior.load(path)
         validate_against_base(posterior, self.model_dir)
         sampler = Sampler(posterior, SamplerConfig(s.sampling_temperature, s.prune, s.prune_by))
         folder = self._workdir / _safe(name)

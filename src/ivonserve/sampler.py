@@ -6,6 +6,7 @@ every machine, which is what lets N stateless replicas serve identical pools wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,8 +48,8 @@ def prune_mask(posterior: Posterior, config: SamplerConfig) -> dict[str, torch.T
     By variance: the most uncertain entries go. By snr: those with the lowest |m| / sigma go.
     Returns None when nothing is pruned.
     """
-    if config.prune == 0:
-        return None
+    if config.prune == 0 or math.isinf(posterior.ess):
+        return None  # a zero-variance posterior (a plain adapter) has no uncertainty to rank by
     keys = posterior.keys
     variance = posterior.variance()
     if config.prune_by == "variance":
