@@ -15,8 +15,6 @@ from pathlib import Path
 
 from ivonserve.errors import IvonserveError
 
-DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -34,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ivonserve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ivonserve", description="Test-time scaling with Bayesian (IVON) LoRA on vLLM."
+    )
     commands = parser.add_subparsers(title="commands")
     _add_serve(commands)
     _add_train(commands)
@@ -173,12 +173,10 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _add_bench(commands) -> None:
+    from ivonserve.bench import gsm8k
+
     sub = commands.add_parser("bench", help="benchmarks against a running server")
     kinds = sub.add_subparsers(title="benchmarks")
-    try:
-        from ivonserve.bench import gsm8k
-    except ImportError:
-        return
     gsm8k.add_cli_arguments(_command(kinds, "gsm8k", gsm8k.run_cli, gsm8k.__doc__.split("\n")[0]))
 
 
