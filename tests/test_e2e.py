@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,8 +66,7 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
     log = (root / "serve.log").open("w")
     command = [
         *_command(), "serve",
-        "--posterior", str(posterior),
-        "--posterior-name", "smollm2-135m-gsm8k",
+        "--posterior", f"smollm2-135m-gsm8k={posterior}",
         "--pool-size", "2",
         "--port", str(port),
         "--enforce-eager",
@@ -89,7 +89,7 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
                 except httpx.TransportError:
                     pass
                 time.sleep(0.5)
-        yield url, time.monotonic() - began
+        yield url, time.monotonic() - began, proc
     finally:
         proc.send_signal(signal.SIGINT)  # uvicorn shuts down; the lifespan stops the engine
         try:
@@ -108,7 +108,7 @@ def _tail(root: Path) -> str:
 
 
 def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_server):
-    url, startup_s = smollm2_server
+    url, startup_s, _ = smollm2_server
     with httpx.Client(base_url=url, timeout=300) as client:
         card = client.get("/v1/models").json()["data"][0]
         assert card["id"] == "smollm2-135m-gsm8k" and card["pool_size"] == 2
@@ -134,3 +134,46 @@ def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_ser
         f"{result['timing']['total_s']:.2f} s; answer {result['answer']!r}, "
         f"confidence {result['confidence']:.2f}"
     )
+
+
+def test_openai_client_on_smollm2(smollm2_server):
+    import openai
+
+    url, _, _ = smollm2_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    reply = client.chat.completions.create(
+        model="smollm2-135m-gsm8k",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=24,
+        seed=0,
+        extra_body={"n_models": 2, "n_samples": 1},
+    )
+    assert reply.choices[0].message.content.strip()
+    assert 0 <= reply.model_extra["ivonserve"]["confidence"] <= 1
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(smollm2_server):
+    """Runs last in this module: the real signal on the real process."""
+    url, _, proc = smollm2_server
+    result = {}
+    body = {"prompt": QUESTION, "n_models": 2, "n_samples": 2, "max_tokens": 96,
+            "ignore_eos": True, "seed": 1}  # fmt: skip
+
+    def call() -> None:
+        result["response"] = httpx.post(f"{url}/generate", json=body, timeout=300)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while "ivonserve_requests_in_flight 1.0" not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    with pytest.raises(httpx.TransportError):  # no new connections while draining
+        httpx.get(f"{url}/health", timeout=5)
+    thread.join(300)
+    answer = result["response"]
+    assert answer.status_code == 200, answer.text  # accepted before the signal: completed
+    assert answer.json()["usage"]["completion_tokens"] == 2 * 2 * 96
+    assert proc.wait(timeout=120) == 0

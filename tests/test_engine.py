@@ -27,10 +27,12 @@ def test_pool_is_registered_as_lora_slots(live, engine, tiny_posterior):
     ids = [lora.lora_int_id for lora in pool.loras]
     assert len(set(names)) == len(names) == POOL_SIZE + 1  # unique names (prefix cache key)
     assert len(set(ids)) == len(ids)  # and unique int ids
-    assert set(live.run(engine.llm.list_loras())) == set(ids)
+    every = {lora.lora_int_id for p in engine.pools.values() for lora in p.loras}
+    assert set(ids) <= every and len(every) == len(engine.pools) * (POOL_SIZE + 1)
+    assert set(live.run(engine.llm.list_loras())) == every  # both pools, distinct ids
     args = engine.engine_args
     posterior = Posterior.load(tiny_posterior)
-    assert args["max_loras"] == POOL_SIZE + 2  # draws + mean + a spare slot
+    assert args["max_loras"] == len(every) + 1  # every draw and mean + a spare slot
     assert args["max_lora_rank"] >= posterior.rank
     assert args["lora_target_modules"] == posterior.target_modules
     assert args["block_size"] == 32 and args["dtype"] == "float32"

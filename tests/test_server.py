@@ -14,7 +14,9 @@ from conftest import POOL_SIZE
 from ivonserve import cli, mbr
 from ivonserve.config import Settings, add_cli_arguments
 from ivonserve.errors import IvonserveError
-from ivonserve.server import ApiError, GenerateService
+from ivonserve.server import ApiError, GenerationService
+from ivonserve.server.limits import Admission
+from ivonserve.server.metrics import Metrics
 
 PROMPT = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
 
@@ -45,8 +47,11 @@ def test_health_ready_and_models(client):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
-    (card,) = models["data"]
+    card, adapter = models["data"]
     assert card["id"] == "tiny" and card["pool_size"] == POOL_SIZE and card["ready"] is True
+    assert card["kind"] == "posterior" and card["default"] is True and card["ess"] == 1e4
+    assert adapter["id"] == "tiny-mean" and adapter["kind"] == "adapter"
+    assert adapter["ess"] is None and adapter["default"] is False
 
 
 # --- generation -------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ BAD = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
-    ({"messages": [{"role": "user", "content": "x", "name": "me"}]}, "messages.0.name"),
+    ({"messages": [{"role": "user", "content": "x", "nick": "me"}]}, "messages.0.nick"),
     ({"prompt": PROMPT, "foo": 1}, "foo"),
     ({"prompt": PROMPT, "n": 2}, "n"),
 ]
@@ -258,17 +263,23 @@ def test_client_disconnect_aborts_its_engine_requests(live, client, engine):
 
 def test_request_timeout_is_504_and_aborts(live, engine, tiny_settings):
     state = live.app.state.engine_state
-    service = GenerateService(tiny_settings.model_copy(update={"request_timeout_s": 0.5}), state)
+    settings = tiny_settings.model_copy(update={"request_timeout_s": 0.5})
+    service = GenerationService(settings, state.require, Admission(1, 0), Metrics())
     from ivonserve.protocol import GenerateRequest
 
     request = GenerateRequest(
         prompt=PROMPT, n_models=2, n_samples=8, max_tokens=450, temperature=1.0, ignore_eos=True
     )
+
+    async def run() -> None:
+        await service.run(service.plan_generate(request), service.admit(), {})
+
     with pytest.raises(ApiError) as err:
-        live.run(service.generate(request))
+        live.run(run())
     assert err.value.status == 504
     time.sleep(0.1)
     assert engine.num_unfinished_requests() == 0
+    assert service.admission.in_flight == 0  # the slot came back
 
 
 # --- settings and the CLI (no engine) ----------------------------------------------------------
@@ -280,6 +291,15 @@ def test_every_setting_has_a_documented_flag(capsys):
         assert "--" + name.replace("_", "-") in text
         assert field.description, name
         assert f"IVONSERVE_{name.upper()}" in text
+
+
+def test_every_setting_is_in_the_readme_table():
+    from ivonserve.config import repo_root
+
+    readme = (repo_root() / "README.md").read_text()
+    for name in Settings.model_fields:
+        flag, env = "--" + name.replace("_", "-"), f"IVONSERVE_{name.upper()}"
+        assert f"| `{flag}` | `{env}` |" in readme, name
 
 
 def test_flags_override_the_environment(monkeypatch):
@@ -297,11 +317,12 @@ def test_flags_override_the_environment(monkeypatch):
         Settings.from_cli(parser.parse_args(["--default-selection", "best"]))
     defaults = Settings()
     assert defaults.pool_size == 5  # from the environment
-    assert str(defaults.posterior).endswith("posteriors/smollm2-135m-gsm8k")
-    assert defaults.served_name == "smollm2-135m-gsm8k"
+    (spec,) = defaults.posterior_specs()
+    assert str(spec.path).endswith("posteriors/smollm2-135m-gsm8k")
+    assert spec.name == "smollm2-135m-gsm8k" and spec.kind == "posterior"
 
 
 def test_serve_refuses_a_missing_posterior_in_one_line(tmp_path, capsys):
     code = cli.main(["serve", "--posterior", str(tmp_path / "none"), "--port", "0"])
     err = capsys.readouterr().err
-    assert code == 2 and "no posterior there" in err and "Traceback" not in err
+    assert code == 2 and "does not exist" in err and "Traceback" not in err

@@ -9,19 +9,26 @@ line overrides the environment; a flag left out keeps the environment's (or the 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ivonserve.errors import IvonserveError
 
 DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k"
 ENV_PREFIX = "IVONSERVE_"
 _NONE_WORDS = {"none", "null", ""}
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # also a folder name
+SECRET_FIELDS = frozenset({"api_keys"})
 
 
 def repo_root() -> Path:
@@ -51,25 +58,28 @@ class Settings(BaseSettings):
     )
 
     # --- model and posterior --------------------------------------------------------------------
+    config: Path | None = Field(
+        None,
+        description="a TOML or JSON file of settings (field names as keys); flags and "
+        "environment variables override it",
+    )
     model: str | None = Field(
         None, description="base model: a transformers folder (default: the embedded SmolLM2-135M)"
     )
     cache_dir: Path | None = Field(
         None, description="where the embedded model is converted to (default: ~/.cache/ivonserve)"
     )
-    posterior: Path = Field(
-        default_factory=default_posterior,
-        description=f"IVON posterior folder to serve (default: the repo's {DEFAULT_POSTERIOR})",
+    posterior: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="an IVON posterior to serve, as [NAME=]DIR (NAME: the folder's name by "
+        "default); repeat the flag (or separate with commas) for several, each with its own pool; "
+        f"the first answers requests that name no model (default: the repo's {DEFAULT_POSTERIOR} "
+        "unless --adapter is given)",
     )
-    adapter: Path | None = Field(
-        None,
-        description="serve a plain PEFT adapter (e.g. `ivonserve train --optimizer adamw`) as a "
-        "zero-variance posterior instead of --posterior: every draw is the adapter itself",
-    )
-    posterior_name: str | None = Field(
-        None,
-        description="name of the posterior in /v1/models and the request's `model` "
-        "(default: the folder's name)",
+    adapter: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a plain PEFT adapter (e.g. `ivonserve train --optimizer adamw`) to serve as "
+        "a zero-variance posterior, as [NAME=]DIR: every draw is the adapter itself; repeatable",
     )
 
     # --- the pool of draws --------------------------------------------------------------------
@@ -100,7 +110,7 @@ class Settings(BaseSettings):
         1024, ge=1, description="largest max_tokens a request may ask for"
     )
     default_temperature: float = Field(
-        0.7, ge=0, description="decoding temperature when a request leaves it out (0: greedy)"
+        0.7, ge=0, le=2, description="decoding temperature when a request leaves it out (0: greedy)"
     )
     default_top_p: float = Field(1.0, gt=0, le=1, description="top_p when a request leaves it out")
     default_selection: str = Field(
@@ -110,7 +120,46 @@ class Settings(BaseSettings):
         "answer", description="MBR utility when a request leaves it out (see mbr.UTILITIES)"
     )
     request_timeout_s: float = Field(
-        600.0, gt=0, description="a /generate taking longer is aborted and answered 504"
+        600.0,
+        gt=0,
+        description="a generation request taking longer (queue included) is aborted and "
+        "answered 504",
+    )
+    max_in_flight: int = Field(
+        8, ge=1, description="generation requests fanned out on the engine at once"
+    )
+    max_queued: int = Field(
+        32,
+        ge=0,
+        description="generation requests waiting for a slot; past in-flight + queued a request "
+        "gets 429 with Retry-After",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt in tokens (default: the context length - 1)"
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body in bytes (413 past it)"
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM, how long in-flight requests may still run before they are "
+        "aborted and the server exits",
+    )
+
+    # --- access -----------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API keys clients must send as `Authorization: Bearer KEY` (comma-separated "
+        "or repeated; default: no auth); /health and /ready stay open",
+    )
+    api_key_file: Path | None = Field(
+        None, description="a file of API keys, one per line (# comments), added to --api-keys"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed by CORS, e.g. https://app.example.com or * "
+        "(default: CORS off)",
     )
 
     # --- vLLM engine (passed through) --------------------------------------------------------
@@ -144,6 +193,15 @@ class Settings(BaseSettings):
     distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(
         None, description="vLLM distributed executor backend (vLLM's choice by default)"
     )
+
+    @field_validator("posterior", "adapter", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        """Environment variables carry lists as comma-separated text; flags repeat instead."""
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list | tuple):
+            return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+        return value
 
     @field_validator("default_selection")
     @classmethod
@@ -181,10 +239,36 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
-    def served_name(self) -> str:
-        """The posterior's name in /v1/models and in a request's `model` field."""
-        return self.posterior_name or Path(self.adapter or self.posterior).name
+    def posterior_specs(self) -> list[PosteriorSpec]:
+        """Every posterior to serve, in order (the first is the default): --posterior entries,
+        then --adapter entries; the repo's default posterior when neither is given."""
+        given = [("posterior", item) for item in self.posterior]
+        given += [("adapter", item) for item in self.adapter]
+        if not given:
+            given = [("posterior", str(default_posterior()))]
+        specs = [PosteriorSpec.parse(item, kind) for kind, item in given]
+        names = [spec.name for spec in specs]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise IvonserveError(
+                f"setting posterior: the name {dupes[0]!r} is used twice; name each one, "
+                "--posterior NAME=DIR"
+            )
+        return specs
+
+    def api_key_list(self) -> list[str]:
+        """--api-keys plus the keys in --api-key-file (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text()
+            except OSError as err:
+                raise IvonserveError(
+                    f"{self.api_key_file}: cannot read the API key file: {err.strerror}"
+                ) from None
+            keys += [ln.strip() for ln in text.splitlines() if ln.strip() and ln[0] != "#"]
+            if len(keys) == len(self.api_keys):
+                raise IvonserveError(f"{self.api_key_file}: the API key file has no keys")
+        return keys
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> Settings:
@@ -198,7 +282,20 @@ class Settings(BaseSettings):
 
     @classmethod
     def build(cls, **values: Any) -> Settings:
-        """``Settings(...)``, but a bad value is a one-line IvonserveError naming the setting."""
+        """``Settings(...)`` over the config file (if any), but a bad value is a one-line
+        IvonserveError naming the setting. Precedence: values > environment > file > defaults."""
+        path = values.get("config") or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
+        if path:
+            from_file = _read_config_file(Path(path))
+            # the environment outranks the file: keep only what no variable sets
+            values = {
+                **{
+                    k: v
+                    for k, v in from_file.items()
+                    if f"{ENV_PREFIX}{k.upper()}" not in os.environ
+                },
+                **values,
+            }
         try:
             return cls(**values)
         except ValidationError as err:
@@ -213,8 +310,58 @@ class Settings(BaseSettings):
         """The settings as aligned ``name = value`` lines, for the start-up log."""
         width = max(len(n) for n in type(self).model_fields)
         return "\n".join(
-            f"  {name:<{width}} = {getattr(self, name)!s}" for name in type(self).model_fields
+            f"  {name:<{width}} = {self._shown(name)}" for name in type(self).model_fields
         )
+
+    def _shown(self, name: str) -> str:
+        value = getattr(self, name)
+        if name in SECRET_FIELDS:
+            return f"<{len(value)} hidden>" if value else "<none>"
+        return str(value)
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """One served posterior: its name (the request's `model`), folder, and kind."""
+
+    name: str
+    path: Path
+    kind: Literal["posterior", "adapter"] = "posterior"
+
+    @classmethod
+    def parse(cls, text: str, kind: Literal["posterior", "adapter"] = "posterior") -> PosteriorSpec:
+        """``NAME=DIR`` or ``DIR`` (named after the folder)."""
+        name, sep, folder = text.partition("=")
+        if not sep:
+            name, folder = "", text
+        path = Path(folder.strip()).expanduser()
+        name = name.strip() or path.resolve().name
+        if not folder.strip() or not _NAME.fullmatch(name):
+            raise IvonserveError(
+                f"setting {kind}: {text!r} is not [NAME=]DIR with NAME made of letters, digits, "
+                "'.', '_', '-' (at most 64, not starting with '.')"
+            )
+        return cls(name=name, path=path, kind=kind)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a TOML or JSON file; an unknown key is an error naming the file."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise IvonserveError(f"{path}: cannot read the config file: {err.strerror}") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise IvonserveError(
+            f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {err}"
+        ) from None
+    if not isinstance(values, dict):
+        raise IvonserveError(f"{path}: the config file must hold a table of settings")
+    unknown = sorted(set(values) - set(Settings.model_fields) | ({"config"} & set(values)))
+    if unknown:
+        raise IvonserveError(f"{path}: unknown setting {unknown[0]!r} in the config file")
+    return values
 
 
 def _from_flag(value: Any) -> Any:
@@ -258,6 +405,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+            continue
+        if typing.get_origin(field.annotation) is list:
+            group.add_argument(flag, dest=name, action="append", metavar="VALUE", help=help_text)
             continue
         metavar, choices, optional = _type_info(field.annotation)
         if optional and choices:

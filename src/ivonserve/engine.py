@@ -15,8 +15,8 @@ distinct seed per draw derived from the request's seed (one seed for all would c
 draws' samples token by token), all at once so vLLM batches them. If the caller is cancelled
 (client gone, timeout) every engine request of the fan-out is aborted.
 
-Several posteriors can share the engine: each is a ``Pool`` holding its LoRARequests; the engine
-keeps them by name. Today the server loads one.
+Several posteriors share the engine (``--posterior NAME=DIR`` repeated): each is a ``Pool`` of
+its own LoRA slots on the same base model, kept by name; a request's ``model`` picks one.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from ivonserve.errors import IvonserveError
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
-    from ivonserve.config import Settings
+    from ivonserve.config import PosteriorSpec, Settings
 
 logger = logging.getLogger("ivonserve.engine")
 
@@ -109,18 +109,34 @@ class FanOut:
 
 
 @dataclass
-class Pool:
-    """One posterior's adapters as registered LoRA slots: the mean and K draws."""
+class PreparedPool:
+    """One posterior's adapters written to tmpfs (the mean and K draws), not yet registered."""
 
     name: str
     posterior_dir: Path
-    folder: Path
     seed: int
     rank: int
     target_modules: list[str]
+    mean_dir: Path
+    draw_dirs: list[Path]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Pool:
+    """A prepared pool registered with vLLM: the mean and the K draws as LoRA slots."""
+
+    prepared: PreparedPool
     mean: LoRARequest
     draws: list[LoRARequest]
-    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.prepared.name
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.prepared.info
 
     @property
     def size(self) -> int:
@@ -139,19 +155,6 @@ class Pool:
         if n_models == 0:
             return [(None, self.mean)]
         return list(enumerate(self.draws[:n_models]))
-
-
-@dataclass
-class _PreparedPool:
-    name: str
-    posterior_dir: Path
-    folder: Path
-    seed: int
-    rank: int
-    target_modules: list[str]
-    mean_dir: Path
-    draw_dirs: list[Path]
-    info: dict[str, Any]
 
 
 def request_seed_for_draw(seed: int, draw: int) -> int:
@@ -187,7 +190,8 @@ class Engine:
         self.tokenizer: Any = None
         self.model_dir: Path | None = None
         self.pools: dict[str, Pool] = {}
-        self.default_pool: str = settings.served_name
+        self.specs = settings.posterior_specs()
+        self.default_pool: str = self.specs[0].name
         self.max_model_len: int = 0
         self.engine_args: dict[str, Any] = {}
         self.startup_seconds: dict[str, float] = {}
@@ -195,6 +199,7 @@ class Engine:
         self._lora_ids = itertools.count(1)
         self._closing = False
         self._ready = False
+        self._started = False
         self.aborted_requests = 0  # engine requests aborted because their caller went away
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -208,10 +213,6 @@ class Engine:
             await engine.shutdown()
             raise
         return engine
-
-    def posterior_specs(self) -> list[tuple[str, Path]]:
-        """(served name, folder) of every posterior to load; one today (the settings')."""
-        return [(self.settings.served_name, Path(self.settings.adapter or self.settings.posterior))]
 
     async def _start(self) -> None:
         began = time.perf_counter()
@@ -230,14 +231,14 @@ class Engine:
         await self._warm_up()
         self.startup_seconds["warm_up"] = time.perf_counter() - began
         self.startup_seconds["total"] = sum(self.startup_seconds.values())
-        self._ready = True
+        self._ready = self._started = True
         logger.info(
             "engine ready: %s (%s)",
             ", ".join(f"pool {p.name!r} of {len(p.draw_dirs)} draws + mean" for p in prepared),
             ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items()),
         )
 
-    def _prepare(self) -> list[_PreparedPool]:
+    def _prepare(self) -> list[PreparedPool]:
         """Blocking: the base model folder and tokenizer, then every pool written to tmpfs."""
         from transformers import AutoTokenizer
 
@@ -248,9 +249,9 @@ class Engine:
         self._workdir = tmpfs_dir()
         # shutdown() deletes it; this catches an interpreter exit that skipped shutdown
         atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
-        return [self._prepare_pool(name, path) for name, path in self.posterior_specs()]
+        return [self._prepare_pool(spec) for spec in self.specs]
 
-    def _prepare_pool(self, name: str, path: Path) -> _PreparedPool:
+    def _prepare_pool(self, spec: PosteriorSpec) -> PreparedPool:
         """Load one posterior, check it fits the base model, write its mean and K draws."""
         from ivonserve.posterior import Posterior, validate_against_base
         from ivonserve.sampler import Sampler, SamplerConfig
@@ -258,21 +259,25 @@ class Engine:
         s = self.settings
         # A plain adapter (the AdamW baseline) is served as a zero-variance posterior, so one
         # client compares IVON draws, the IVON mean and AdamW under the same grid.
-        posterior = Posterior.from_adapter(path) if s.adapter else Posterior.load(path)
+        if spec.kind == "adapter":
+            posterior = Posterior.from_adapter(spec.path)
+        else:
+            posterior = Posterior.load(spec.path)
         validate_against_base(posterior, self.model_dir)
         sampler = Sampler(posterior, SamplerConfig(s.sampling_temperature, s.prune, s.prune_by))
-        folder = self._workdir / _safe(name)
-        mean_dir, draw_dirs = sampler.write_pool(s.pool_size, s.pool_seed, folder)
-        return _PreparedPool(
-            name=name,
-            posterior_dir=path,
-            folder=folder,
+        mean_dir, draw_dirs = sampler.write_pool(
+            s.pool_size, s.pool_seed, self._workdir / spec.name
+        )
+        return PreparedPool(
+            name=spec.name,
+            posterior_dir=spec.path,
             seed=s.pool_seed,
             rank=posterior.rank,
             target_modules=posterior.target_modules,
             mean_dir=mean_dir,
             draw_dirs=draw_dirs,
             info={
+                "kind": spec.kind,
                 "ess": posterior.ess,
                 "base_model": posterior.base_model,
                 "temperature": s.sampling_temperature,
@@ -281,7 +286,7 @@ class Engine:
             },
         )
 
-    def build_engine_args(self, pools: Sequence[_PreparedPool]) -> dict[str, Any]:
+    def build_engine_args(self, pools: Sequence[PreparedPool]) -> dict[str, Any]:
         """vLLM engine arguments: LoRA slots sized for every pool, the rest from the settings."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -323,7 +328,7 @@ class Engine:
         args.update({k: v for k, v in optional.items() if v is not None})
         return args
 
-    def _build_llm(self, pools: Sequence[_PreparedPool]) -> Any:
+    def _build_llm(self, pools: Sequence[PreparedPool]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -338,7 +343,7 @@ class Engine:
             llm.shutdown()
         return llm
 
-    async def _register(self, prepared: _PreparedPool) -> None:
+    async def _register(self, prepared: PreparedPool) -> None:
         from vllm.lora.request import LoRARequest
 
         def lora(kind: str, path: Path) -> LoRARequest:
@@ -352,17 +357,7 @@ class Engine:
         for request in (mean, *draws):
             if not await self.llm.add_lora(request):
                 raise EngineError(f"vLLM refused adapter {request.lora_name}")
-        self.pools[prepared.name] = Pool(
-            name=prepared.name,
-            posterior_dir=prepared.posterior_dir,
-            folder=prepared.folder,
-            seed=prepared.seed,
-            rank=prepared.rank,
-            target_modules=prepared.target_modules,
-            mean=mean,
-            draws=draws,
-            info=prepared.info,
-        )
+        self.pools[prepared.name] = Pool(prepared=prepared, mean=mean, draws=draws)
 
     async def _warm_up(self) -> None:
         """Two greedy tokens from every adapter at once: loads each into its slot, so the first
@@ -379,6 +374,11 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self._ready and self.llm is not None and not self.llm.errored
+
+    @property
+    def dead(self) -> bool:
+        """Started, not shut down, yet unusable: vLLM's engine core process has died."""
+        return self._started and not self._closing and (self.llm is None or self.llm.errored)
 
     async def shutdown(self) -> None:
         """Stop vLLM (its engine processes) and delete the adapter files; safe to call twice."""
@@ -431,21 +431,27 @@ class Engine:
         return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
 
     def _params(self, sampling: SamplingOptions, n: int, seed: int) -> Any:
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        return SamplingParams(
-            n=n,
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=seed,
-            ignore_eos=sampling.ignore_eos,
-            stop=list(sampling.stop) or None,
-            logprobs=0,  # only the sampled token: gives the cumulative logprob
-            output_kind=RequestOutputKind.FINAL_ONLY,  # all n samples together, once
-        )
+        try:
+            return SamplingParams(
+                n=n,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=seed,
+                ignore_eos=sampling.ignore_eos,
+                stop=list(sampling.stop) or None,
+                logprobs=0,  # only the sampled token: gives the cumulative logprob
+                output_kind=RequestOutputKind.FINAL_ONLY,  # all n samples together, once
+            )
+        except VLLMClientError as err:  # a value vLLM refuses: the client's to fix
+            field = getattr(err, "parameter", None) or "sampling"
+            raise InvalidRequest(field, f"vLLM rejected the request: {err}") from err
 
-    def _check_length(self, prompt_ids: Sequence[int], sampling: SamplingOptions) -> None:
+    def check_length(self, prompt_ids: Sequence[int], sampling: SamplingOptions) -> None:
+        """The prompt is not empty and prompt + max_tokens fits the context."""
         if not prompt_ids:
             raise InvalidRequest("prompt", "the prompt is empty")
         total = len(prompt_ids) + sampling.max_tokens
@@ -463,19 +469,21 @@ class Engine:
         n_samples: int,
         sampling: SamplingOptions = SamplingOptions(),
         pool: str | None = None,
+        on_draw: Callable[[list[Generated]], None] | None = None,
     ) -> FanOut:
         """n_models draws x n_samples samples (n_models = 0: the mean adapter, n_samples samples).
 
         ``prompt``: token ids, or a text used as is (no chat template; see ``render``).
         Draw k's request has ``seed = request_seed_for_draw(seed, k)``; vLLM gives its samples
         seed+0..n-1. Cancelling the caller aborts every engine request of this fan-out.
+        ``on_draw`` receives each draw's candidates as soon as that draw has finished.
         """
         target = self.pool(pool)
         if n_samples < 1:
             raise InvalidRequest("n_samples", "n_samples must be >= 1")
         adapters = target.adapters(n_models)
         prompt_ids = self._tokens(prompt)
-        self._check_length(prompt_ids, sampling)
+        self.check_length(prompt_ids, sampling)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
         fan_id = f"ivs-{uuid.uuid4().hex[:16]}"
         # Greedy decoding gives every sample the same text, and vLLM refuses n > 1 with it:
@@ -487,15 +495,19 @@ class Engine:
             request_id = f"{fan_id}-{'mean' if draw is None else f'd{draw}'}"
             params = self._params(sampling, n_engine, request_seed_for_draw(seed, position))
             jobs.append((draw, request_id, params, lora))
-        began = time.perf_counter()
-        outputs = await self._run_all(prompt_ids, jobs)
-        candidates, decoded = [], 0
-        for (draw, *_), out in zip(jobs, outputs, strict=True):
+
+        def draw_candidates(position: int, out: Any) -> list[Generated]:
             completions = sorted(out.outputs, key=lambda c: c.index)
-            decoded += sum(len(c.token_ids) for c in completions)
             if greedy:
                 completions = completions * n_samples
-            candidates.extend(_generated(draw, sample, c) for sample, c in enumerate(completions))
+            draw = jobs[position][0]
+            return [_generated(draw, sample, c) for sample, c in enumerate(completions)]
+
+        finished = None if on_draw is None else lambda i, out: on_draw(draw_candidates(i, out))
+        began = time.perf_counter()
+        outputs = await self._run_all(prompt_ids, jobs, finished)
+        candidates = [c for i, out in enumerate(outputs) for c in draw_candidates(i, out)]
+        decoded = sum(len(c.token_ids) for out in outputs for c in out.outputs)
         return FanOut(
             candidates=candidates,
             prompt_tokens=len(prompt_ids),
@@ -512,7 +524,7 @@ class Engine:
         if not self.ready:
             raise EngineNotReady("the engine is not ready")
         prompt_ids = self._tokens(prompt)
-        self._check_length(prompt_ids, sampling)
+        self.check_length(prompt_ids, sampling)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
         request_id = f"ivs-{uuid.uuid4().hex[:16]}-base"
         (out,) = await self._run_all(
@@ -520,26 +532,39 @@ class Engine:
         )
         return [_generated(None, c.index, c) for c in sorted(out.outputs, key=lambda c: c.index)]
 
-    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        return [int(t) for t in prompt]
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text used as is (no chat template, no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    async def _run_all(self, prompt_ids: list[int], jobs: list[tuple]) -> list[Any]:
-        """Submit every job at once and wait for all final outputs; abort them all on failure."""
+    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    async def _run_all(
+        self,
+        prompt_ids: list[int],
+        jobs: list[tuple],
+        finished: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Submit every job at once and wait for all final outputs; abort them all on failure.
+        ``finished(position, output)`` is called as each job completes."""
         from vllm.inputs import TokensPrompt
 
         llm = self.llm
 
-        async def one(request_id: str, params: Any, lora: Any) -> Any:
+        async def one(position: int, request_id: str, params: Any, lora: Any) -> Any:
             final = None
             async for output in llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
             ):
                 final = output
+            if finished is not None:
+                finished(position, final)
             return final
 
-        tasks = [asyncio.ensure_future(one(rid, params, lora)) for _, rid, params, lora in jobs]
+        tasks = [
+            asyncio.ensure_future(one(i, rid, params, lora))
+            for i, (_, rid, params, lora) in enumerate(jobs)
+        ]
         try:
             return await asyncio.gather(*tasks)
         except BaseException as err:
@@ -572,7 +597,3 @@ def _generated(draw: int | None, sample: int, c: Any) -> Generated:
         token_ids=tuple(c.token_ids),
         finish_reason=c.finish_reason,
     )
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "pool"

@@ -96,6 +96,7 @@ class Posterior:
         path = Path(path)
         config = _read_json(path / ADAPTER_CONFIG)
         mean = _read_tensors(path / ADAPTER_WEIGHTS)
+        _check_finite(mean, where=str(path / ADAPTER_WEIGHTS))
         hess = {k: torch.zeros_like(v) for k, v in mean.items()}
         return cls(mean, hess, config, ess=math.inf, weight_decay=0.0, base_model=None)
 
