@@ -337,6 +337,15 @@ def test_body_prompt_and_token_limits_name_the_limit(serve_with):
     assert too_many.status_code == 422 and "max_tokens: must be <= 32" in too_many.text
 
 
+def test_request_timeout_over_http_is_504_and_aborts(serve_with, engine):
+    srv = serve_with(request_timeout_s=0.5)
+    body = {**LONG, "n_models": 2, "n_samples": 4, "max_tokens": 450}
+    answer = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    assert answer.status_code == 504 and "request_timeout_s=0.5" in answer.text
+    wait_for(lambda: engine.num_unfinished_requests() == 0, timeout=10, what="the abort")
+    assert metric(scrape(srv.url), "ivonserve_requests_in_flight") == 0
+
+
 # --- access -----------------------------------------------------------------------------------
 def test_api_keys_guard_everything_but_the_probes(serve_with, tmp_path):
     key_file = tmp_path / "keys"

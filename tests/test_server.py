@@ -322,6 +322,51 @@ def test_flags_override_the_environment(monkeypatch):
     assert spec.name == "smollm2-135m-gsm8k" and spec.kind == "posterior"
 
 
+def test_config_file_ranks_below_the_environment_and_the_flags(tmp_path, monkeypatch):
+    parser = add_cli_arguments(argparse.ArgumentParser())
+    toml = tmp_path / "settings.toml"
+    toml.write_text('pool_size = 3\nport = 9100\ndefault_n_samples = 2\napi_keys = ["a", "b"]\n')
+    monkeypatch.setenv("IVONSERVE_PORT", "9200")
+    args = parser.parse_args(["--config", str(toml), "--default-n-samples", "5"])
+    settings = Settings.from_cli(args)
+    assert settings.pool_size == 3  # the file
+    assert settings.port == 9200  # the environment over the file
+    assert settings.default_n_samples == 5  # the flag over both
+    assert settings.api_key_list() == ["a", "b"]
+    assert "a" not in settings.summary().split("api_keys")[1].split("\n")[0]  # masked
+    monkeypatch.setenv("IVONSERVE_CONFIG", str(toml))
+    assert Settings.build().pool_size == 3  # the file named by the environment
+    as_json = tmp_path / "settings.json"
+    as_json.write_text(json.dumps({"pool_size": 6}))
+    assert Settings.build(config=str(as_json)).pool_size == 6
+    for text, message in [("pool_sise = 3", "unknown setting 'pool_sise'"),
+                          ("pool_size = ", "not valid TOML")]:  # fmt: skip
+        toml.write_text(text)
+        with pytest.raises(IvonserveError, match=message):
+            Settings.build(config=str(toml))
+
+
+def test_posteriors_repeat_as_flags_or_commas(monkeypatch, tmp_path):
+    parser = add_cli_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--posterior", "math=/p/a", "--posterior", "/p/code", "--adapter", "base=/p/adamw"]
+    )
+    specs = Settings.from_cli(args).posterior_specs()
+    assert [(s.name, str(s.path), s.kind) for s in specs] == [
+        ("math", "/p/a", "posterior"), ("code", "/p/code", "posterior"),
+        ("base", "/p/adamw", "adapter"),
+    ]  # fmt: skip
+    monkeypatch.setenv("IVONSERVE_POSTERIOR", "x=/p/1, y=/p/2")
+    assert [s.name for s in Settings().posterior_specs()] == ["x", "y"]
+    monkeypatch.setenv("IVONSERVE_ADAPTER", "/q/adamw")  # adapter alone: no default posterior
+    monkeypatch.delenv("IVONSERVE_POSTERIOR")
+    assert [s.name for s in Settings().posterior_specs()] == ["adamw"]
+    for bad, message in [(["a=/p/1", "a=/p/2"], "used twice"), (["../x=/p"], "NAME"),
+                         (["a="], "NAME")]:  # fmt: skip
+        with pytest.raises(IvonserveError, match=message):
+            Settings.build(posterior=bad).posterior_specs()
+
+
 def test_serve_refuses_a_missing_posterior_in_one_line(tmp_path, capsys):
     code = cli.main(["serve", "--posterior", str(tmp_path / "none"), "--port", "0"])
     err = capsys.readouterr().err

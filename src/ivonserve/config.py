@@ -354,7 +354,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as err:
         raise IvonserveError(
-            f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {err}"
+            f"{path}: not valid {(path.suffix.lstrip('.') or 'toml').upper()}: {err}"
         ) from None
     if not isinstance(values, dict):
         raise IvonserveError(f"{path}: the config file must hold a table of settings")
