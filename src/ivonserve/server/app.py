@@ -165,7 +165,7 @@ class EngineState:
 # --- routes -----------------------------------------------------------------------------------
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)
 }
 # with stream: true, 200 is a stream of `data: <JSON>` events ending with `data: [DONE]`
 _SSE = {"text/event-stream": {"schema": {"description": "server-sent events"}}}
