@@ -207,23 +207,17 @@ class Settings(BaseSettings):
     @classmethod
     def _known_selection(cls, value: str) -> str:
         from ivonserve import mbr
+        from ivonserve.protocol import check_registered
 
-        if value not in mbr.METHODS:
-            raise ValueError(
-                f"unknown selection {value!r}; valid: {', '.join(sorted(mbr.METHODS))}"
-            )
-        return value
+        return check_registered("selection", value, mbr.METHODS)
 
     @field_validator("default_utility")
     @classmethod
     def _known_utility(cls, value: str) -> str:
         from ivonserve import mbr
+        from ivonserve.protocol import check_registered
 
-        if value not in mbr.UTILITIES:
-            raise ValueError(
-                f"unknown utility {value!r}; valid: {', '.join(sorted(mbr.UTILITIES))}"
-            )
-        return value
+        return check_registered("utility", value, mbr.UTILITIES)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

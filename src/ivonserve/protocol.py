@@ -25,7 +25,9 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _check_name(kind: str, value: str | None, registry: Any) -> str | None:
+def check_registered(kind: str, value: str | None, registry: Any) -> str | None:
+    """``value`` if it names an entry of ``registry`` (or is None), else a ValueError listing
+    the valid names: one message for requests and settings alike."""
     if value is not None and value not in registry:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(sorted(registry))}")
     return value
@@ -91,12 +93,12 @@ class FanOutOptions(_Request):
     @field_validator("selection")
     @classmethod
     def _known_selection(cls, value: str | None) -> str | None:
-        return _check_name("selection", value, mbr.METHODS)
+        return check_registered("selection", value, mbr.METHODS)
 
     @field_validator("utility")
     @classmethod
     def _known_utility(cls, value: str | None) -> str | None:
-        return _check_name("utility", value, mbr.UTILITIES)
+        return check_registered("utility", value, mbr.UTILITIES)
 
 
 class GenerateRequest(FanOutOptions):
