@@ -424,15 +424,23 @@ def completion_response(outcome: Outcome) -> CompletionResponse:
     )
 
 
-class ChatStream:
-    """OpenAI's chat chunk sequence: the role at once, the consensus text once chosen, the
-    finish reason with ivonserve's consensus object, and usage if asked for."""
+class _OpenAIStream:
+    """What every chunk of one OpenAI stream shares: its id, creation time and model."""
+
+    prefix = ""
 
     def __init__(self, plan: Plan, include_usage: bool) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = plan.pool.name
         self.include_usage = include_usage
+
+
+class ChatStream(_OpenAIStream):
+    """OpenAI's chat chunk sequence: the role at once, the consensus text once chosen, the
+    finish reason with ivonserve's consensus object, and usage if asked for."""
+
+    prefix = "chatcmpl"
 
     def chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -451,14 +459,10 @@ class ChatStream:
         return chunks
 
 
-class CompletionStream:
+class CompletionStream(_OpenAIStream):
     """OpenAI's completion chunks: the consensus text with its finish reason, then usage."""
 
-    def __init__(self, plan: Plan, include_usage: bool) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = plan.pool.name
-        self.include_usage = include_usage
+    prefix = "cmpl"
 
     def closing(self, outcome: Outcome) -> list[CompletionResponse]:
         choice = CompletionChoice(
