@@ -265,10 +265,13 @@ def test_engine_death_fails_requests_and_readiness_then_exits_1(tmp_path, tiny_m
         def call() -> None:
             result["response"] = httpx.post(f"{url}/generate", json=body, timeout=120)
 
+        # Freeze the engine core first: the tiny model would finish the request between two
+        # polls, so only a stopped core guarantees the kill lands mid-request.
+        core = _engine_core(proc.pid)
+        core.suspend()
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
-        _wait_in_flight(url)
-        core = _engine_core(proc.pid)
+        _wait_in_flight(url, result)
         core.kill()
         statuses = []
         deadline = time.monotonic() + 60
@@ -308,12 +311,12 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path) -> None:
     pytest.fail("not ready after 900 s")
 
 
-def _wait_in_flight(url: str) -> None:
+def _wait_in_flight(url: str, result: dict[str, Any]) -> None:
     deadline = time.monotonic() + 60
     while "ivonserve_requests_in_flight 1.0" not in httpx.get(f"{url}/metrics").text:
-        assert time.monotonic() < deadline, "the request never started"
+        assert time.monotonic() < deadline, f"the request never started: {result}"
         time.sleep(0.05)
-    time.sleep(0.5)  # into decoding
+    time.sleep(0.5)  # its engine requests are sent to the (frozen) core
 
 
 def _engine_core(server_pid: int) -> psutil.Process:
