@@ -215,6 +215,35 @@ def test_a_bad_posterior_is_one_line_and_exit_2_before_listening(
         probe.bind(("127.0.0.1", port))
 
 
+def _truncated_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+BAD_MODELS = [
+    ("truncated weights", _truncated_weights, "model.safetensors: unreadable safetensors"),
+    ("config not JSON", lambda f: (f / "config.json").write_text("{oops"), "config.json: unusable"),
+    ("no tokenizer", lambda f: [p.unlink() for p in f.glob("tokenizer*")], "no usable tokenizer"),
+]
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"), [b[1:] for b in BAD_MODELS], ids=[b[0] for b in BAD_MODELS]
+)
+def test_a_bad_model_is_one_line_and_exit_2_before_listening(
+    tmp_path, capsys, tiny_model, tiny_posterior, damage, expected
+):
+    folder = _copy(tiny_model, tmp_path / "bad-model")
+    damage(folder)
+    code = cli.main(["serve", "--model", str(folder), "--posterior", str(tiny_posterior),
+                     "--port", str(free_port()), "--log-level", "error"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"ivonserve: error: {folder}") and expected in line, line
+    assert "ivonserve: http://" not in out  # refused before the server listened
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [

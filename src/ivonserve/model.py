@@ -90,6 +90,27 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def check_model(path: Path) -> None:
+    """Load the config and the tokenizer, as vLLM will: a folder that fails here would otherwise
+    fail only after the server listens, deep inside vLLM's start-up. (The weights' headers are
+    read by ``posterior.validate_against_base``.)"""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise IvonserveError(f"{path / 'config.json'}: unusable ({_first_line(err)})") from None
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise IvonserveError(f"{path}: no usable tokenizer ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def resolve_model(model: str | Path | None, cache_dir: Path | None = None) -> Path:
     """A transformers folder: the user's (`--model PATH`) or the embedded one, made on demand."""
     if model is None:

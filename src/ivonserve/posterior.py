@@ -262,9 +262,12 @@ def base_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
         raise PosteriorError(f"{model_dir}: no *.safetensors weights in the base model folder")
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as err:  # a torn file: safetensors checks the header covers it all
+            raise IvonserveError(f"{file}: unreadable safetensors ({err})") from None
     return shapes
 
 

@@ -497,13 +497,15 @@ def _check_port(host: str, port: int) -> None:
 
 
 def check_before_start(settings: Settings) -> None:
-    """Everything a user can get wrong, checked before the server listens: the base model, and
-    every posterior (files, shapes, finiteness, fit to the model). A defect is a one-line
-    IvonserveError naming the file, never a half-started server."""
-    from ivonserve.model import resolve_model
+    """Everything a user can get wrong, checked before the server listens: the base model (its
+    config, tokenizer and weight files), and every posterior (files, shapes, finiteness, fit to
+    the model). A defect is a one-line IvonserveError naming the file, never a half-started
+    server."""
+    from ivonserve.model import check_model, resolve_model
     from ivonserve.posterior import Posterior, validate_against_base
 
     model_dir = resolve_model(settings.model, settings.cache_dir)
+    check_model(model_dir)
     for spec in settings.posterior_specs():
         if spec.kind == "adapter":
             posterior = Posterior.from_adapter(spec.path)
