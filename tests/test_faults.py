@@ -186,62 +186,49 @@ def _other_base_model(folder: Path) -> None:
         _edit_tensors(folder / name, edit)
 
 
-BAD_POSTERIORS = [
-    ("missing folder", lambda folder: shutil.rmtree(folder), "does not exist"),
-    ("no posterior.json", lambda folder: (folder / "posterior.json").unlink(), "posterior.json"),
-    ("truncated safetensors", _truncated, "adapter_model.safetensors: unreadable"),
-    ("hessian of the wrong shape", _wrong_hessian_shape, "hessian.safetensors"),
-    ("NaN in the mean", _nan_mean, "NaN"),
-    ("shaped for another model", _other_base_model, "lora_A"),
-]
-
-
-@pytest.mark.parametrize(
-    ("damage", "expected"), [b[1:] for b in BAD_POSTERIORS], ids=[b[0] for b in BAD_POSTERIORS]
-)
-def test_a_bad_posterior_is_one_line_and_exit_2_before_listening(
-    tmp_path, capsys, tiny_model, tiny_posterior, damage, expected
-):
-    folder = _copy(tiny_posterior, tmp_path / "bad")
-    damage(folder)
-    port = free_port()
-    code = cli.main(["serve", "--model", str(tiny_model), "--posterior", f"bad={folder}",
-                     "--port", str(port), "--log-level", "error"])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code == 2
-    (line,) = err.strip().splitlines()
-    assert line.startswith("ivonserve: error: ") and expected in line, line
-    with socket.socket() as probe:  # nothing was left listening
-        probe.bind(("127.0.0.1", port))
-
-
 def _truncated_weights(folder: Path) -> None:
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
-BAD_MODELS = [
-    ("truncated weights", _truncated_weights, "model.safetensors: unreadable safetensors"),
-    ("config not JSON", lambda f: (f / "config.json").write_text("{oops"), "config.json: unusable"),
-    ("no tokenizer", lambda f: [p.unlink() for p in f.glob("tokenizer*")], "no usable tokenizer"),
-]
+# (name, which folder is damaged, damage, what the one line must say)
+BAD_FOLDERS = [
+    ("missing folder", "posterior", lambda folder: shutil.rmtree(folder), "does not exist"),
+    ("no posterior.json", "posterior", lambda folder: (folder / "posterior.json").unlink(),
+     "posterior.json"),
+    ("truncated safetensors", "posterior", _truncated, "adapter_model.safetensors: unreadable"),
+    ("hessian of the wrong shape", "posterior", _wrong_hessian_shape, "hessian.safetensors"),
+    ("NaN in the mean", "posterior", _nan_mean, "NaN"),
+    ("shaped for another model", "posterior", _other_base_model, "lora_A"),
+    ("model with torn weights", "model", _truncated_weights,
+     "model.safetensors: unreadable safetensors"),
+    ("model config not JSON", "model", lambda f: (f / "config.json").write_text("{oops"),
+     "config.json: unusable"),
+    ("model without tokenizer", "model", lambda f: [p.unlink() for p in f.glob("tokenizer*")],
+     "no usable tokenizer"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("damage", "expected"), [b[1:] for b in BAD_MODELS], ids=[b[0] for b in BAD_MODELS]
+    ("target", "damage", "expected"), [b[1:] for b in BAD_FOLDERS], ids=[b[0] for b in BAD_FOLDERS]
 )
-def test_a_bad_model_is_one_line_and_exit_2_before_listening(
-    tmp_path, capsys, tiny_model, tiny_posterior, damage, expected
+def test_a_bad_posterior_or_model_is_one_line_and_exit_2_before_listening(
+    tmp_path, capsys, tiny_model, tiny_posterior, target, damage, expected
 ):
-    folder = _copy(tiny_model, tmp_path / "bad-model")
-    damage(folder)
-    code = cli.main(["serve", "--model", str(folder), "--posterior", str(tiny_posterior),
-                     "--port", str(free_port()), "--log-level", "error"])  # fmt: skip
+    folders = {"model": tiny_model, "posterior": tiny_posterior}
+    folders[target] = bad = _copy(folders[target], tmp_path / "bad")
+    damage(bad)
+    port = free_port()
+    code = cli.main(["serve", "--model", str(folders["model"]),
+                     "--posterior", f"bad={folders['posterior']}",
+                     "--port", str(port), "--log-level", "error"])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 2
     (line,) = err.strip().splitlines()
-    assert line.startswith(f"ivonserve: error: {folder}") and expected in line, line
+    assert line.startswith(f"ivonserve: error: {bad}") and expected in line, line
     assert "ivonserve: http://" not in out  # refused before the server listened
+    with socket.socket() as probe:  # and nothing was left listening
+        probe.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize(

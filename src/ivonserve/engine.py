@@ -253,17 +253,11 @@ class Engine:
 
     def _prepare_pool(self, spec: PosteriorSpec) -> PreparedPool:
         """Load one posterior, check it fits the base model, write its mean and K draws."""
-        from ivonserve.posterior import Posterior, validate_against_base
+        from ivonserve.posterior import load_served
         from ivonserve.sampler import Sampler, SamplerConfig
 
         s = self.settings
-        # A plain adapter (the AdamW baseline) is served as a zero-variance posterior, so one
-        # client compares IVON draws, the IVON mean and AdamW under the same grid.
-        if spec.kind == "adapter":
-            posterior = Posterior.from_adapter(spec.path)
-        else:
-            posterior = Posterior.load(spec.path)
-        validate_against_base(posterior, self.model_dir)
+        posterior = load_served(spec.path, spec.kind, self.model_dir)
         sampler = Sampler(posterior, SamplerConfig(s.sampling_temperature, s.prune, s.prune_by))
         mean_dir, draw_dirs = sampler.write_pool(
             s.pool_size, s.pool_seed, self._workdir / spec.name

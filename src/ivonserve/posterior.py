@@ -227,10 +227,23 @@ class Posterior:
         }
 
 
-def validate_against_base(posterior: Posterior, model_dir: str | Path) -> None:
+def load_served(path: str | Path, kind: str, model_dir: Path) -> Posterior:
+    """One folder the server serves, checked against the base model: an IVON posterior, or
+    (kind ``adapter``) a plain PEFT adapter such as the AdamW baseline as a zero-variance
+    posterior, so that one client compares IVON draws, the IVON mean and AdamW alike."""
+    path = Path(path)
+    posterior = Posterior.from_adapter(path) if kind == "adapter" else Posterior.load(path)
+    validate_against_base(posterior, model_dir, where=path / ADAPTER_WEIGHTS)
+    return posterior
+
+
+def validate_against_base(
+    posterior: Posterior, model_dir: str | Path, where: str | Path = ADAPTER_WEIGHTS
+) -> None:
     """Check every LoRA pair against the base model's weight shapes, reading headers only.
 
     A posterior trained for another model would otherwise load into vLLM and fail deep inside it.
+    ``where`` names the mean's file in the error (the folder matters when several are served).
     """
     shapes = base_weight_shapes(Path(model_dir))
     for key in posterior.keys:
@@ -238,19 +251,19 @@ def validate_against_base(posterior: Posterior, model_dir: str | Path) -> None:
         weight = f"{module}.weight"
         if weight not in shapes:
             raise PosteriorError(
-                f"{ADAPTER_WEIGHTS}: key {key!r} targets {weight!r}, which the base model "
+                f"{where}: key {key!r} targets {weight!r}, which the base model "
                 f"at {model_dir} does not have"
             )
         out_features, in_features = shapes[weight]
         shape = tuple(posterior.mean[key].shape)
         if part == "lora_A" and shape[1] != in_features:
             raise PosteriorError(
-                f"{ADAPTER_WEIGHTS}: key {key!r} has shape {shape}, the base module "
+                f"{where}: key {key!r} has shape {shape}, the base module "
                 f"{weight!r} takes {in_features} inputs"
             )
         if part == "lora_B" and shape[0] != out_features:
             raise PosteriorError(
-                f"{ADAPTER_WEIGHTS}: key {key!r} has shape {shape}, the base module "
+                f"{where}: key {key!r} has shape {shape}, the base module "
                 f"{weight!r} has {out_features} outputs"
             )
 

@@ -502,16 +502,12 @@ def check_before_start(settings: Settings) -> None:
     the model). A defect is a one-line IvonserveError naming the file, never a half-started
     server."""
     from ivonserve.model import check_model, resolve_model
-    from ivonserve.posterior import Posterior, validate_against_base
+    from ivonserve.posterior import load_served
 
     model_dir = resolve_model(settings.model, settings.cache_dir)
     check_model(model_dir)
     for spec in settings.posterior_specs():
-        if spec.kind == "adapter":
-            posterior = Posterior.from_adapter(spec.path)
-        else:
-            posterior = Posterior.load(spec.path)
-        validate_against_base(posterior, model_dir)
+        load_served(spec.path, spec.kind, model_dir)
     settings.api_key_list()  # an unreadable or empty key file
 
 
