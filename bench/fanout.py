@@ -20,24 +20,13 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from common import PROMPTS, spread
 
-PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
-    "May. How many clips did Natalia sell altogether in April and May?",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-    "How much did she earn?",
-    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money "
-    "she needs. Her parents give her $15, and her grandparents twice as much. How much more "
-    "money does Betty need?",
-    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he "
-    "write a year?",
-]
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def rss_of_children() -> int:
@@ -192,7 +181,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "startup_s": started,
         "tokens_per_round": tokens,
-        "tokens_per_s": {n: _spread(v) for n, v in rates.items() if v},
+        "tokens_per_s": {n: spread(v) for n, v in rates.items() if v},
         "ratios": _ratios(rates),
     }
 
@@ -215,17 +204,13 @@ async def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def _ratios(rates: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """b/x per round (paired: same round, same machine state), summarised over rounds."""
     out = {}
     for other in ("a_base", "c_swap", "d_peft"):
         pairs = list(zip(rates["b_slots"], rates[other], strict=False))
         if pairs:
-            out[f"b/{other[0]}"] = _spread([b / x for b, x in pairs])
+            out[f"b/{other[0]}"] = spread([b / x for b, x in pairs])
     return out
 
 

@@ -38,19 +38,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common import PROMPTS, spread
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
-    "May. How many clips did Natalia sell altogether in April and May?",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-    "How much did she earn?",
-    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money "
-    "she needs. Her parents give her $15, and her grandparents twice as much. How much more "
-    "money does Betty need?",
-    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he "
-    "write a year?",
-]
 WAYS = ("a_inproc", "b_http")
 
 
@@ -208,10 +199,6 @@ def _round_line(rows: list[dict[str, Any]], workload: str, r: int) -> str:
     return ", ".join(parts)
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def summarize(rows: list[dict[str, Any]], workloads: list[str], rounds: int) -> dict[str, Any]:
     """Per workload: latencies, paired differences (b - a, same round and request), and b/a per
     round (the median of that round's paired ratios), summarised over rounds."""
@@ -238,20 +225,20 @@ def summarize(rows: list[dict[str, Any]], workloads: list[str], rounds: int) -> 
         out[workload] = {
             "pairs": len(pairs),
             "latency_ms": {
-                "a_inproc": _spread([ms * a["wall_s"] for a, _ in pairs]),
-                "b_http": _spread([ms * b["wall_s"] for _, b in pairs]),
+                "a_inproc": spread([ms * a["wall_s"] for a, _ in pairs]),
+                "b_http": spread([ms * b["wall_s"] for _, b in pairs]),
             },
-            "paired_diff_ms": _spread(diff),
-            "ratio_b_over_a_per_round": _spread(ratios),
+            "paired_diff_ms": spread(diff),
+            "ratio_b_over_a_per_round": spread(ratios),
             "ratios_per_round": ratios,
             "split_ms": {
-                "run_a": _spread([ms * a["run_s"] for a, _ in pairs]),
-                "run_b": _spread([ms * b["run_s"] for _, b in pairs]),
-                "outside_run_a": _spread(outside["a_inproc"]),
-                "outside_run_b": _spread(outside["b_http"]),
-                "outside_run_paired_diff": _spread(outside_diff),
+                "run_a": spread([ms * a["run_s"] for a, _ in pairs]),
+                "run_b": spread([ms * b["run_s"] for _, b in pairs]),
+                "outside_run_a": spread(outside["a_inproc"]),
+                "outside_run_b": spread(outside["b_http"]),
+                "outside_run_paired_diff": spread(outside_diff),
             },
-            "response_bytes": _spread([float(b["bytes"]) for _, b in pairs]),
+            "response_bytes": spread([float(b["bytes"]) for _, b in pairs]),
             "same_text": sum(a["text"] == b["text"] for a, b in pairs),
         }
     return out
