@@ -7,7 +7,9 @@
 #   3. starts dockerd if none runs (and stops only that one, by PID, on exit)
 #   4. makes the local python:3.11-slim stand-in if absent (no registry is reachable here)
 #   5. builds the cpu image, `docker compose up -d --wait`, checks /generate (MBR consensus text
-#      non-empty, n_models x n_samples = 4 candidates), `docker compose down -v`
+#      non-empty, n_models x n_samples = 4 candidates)
+#   6. kills vLLM's engine core inside the container: the server must exit, compose's restart
+#      policy bring it back healthy, and /generate answer again; then `docker compose down -v`
 # Idempotent: a second run reuses the engine, the base image and the layer cache. Any failure
 # prints the container logs and exits non-zero. Timings and sizes are printed at the end.
 set -Eeuo pipefail
@@ -181,13 +183,16 @@ docker compose logs --no-color ivonserve 2>/dev/null | grep -m1 -o 'engine ready
 docker compose exec -T ivonserve sh -c 'touch /opt/ivonserve/x' 2>/dev/null &&
   die "the root filesystem is writable"
 
-python3 - "$port" >"$workdir/generate.out" <<'EOF' || { cat "$workdir/generate.out" >&2; die "POST /generate"; }
+# POST /generate once per name given (first, second, ...): a consensus and 2 x 2 candidates each;
+# prints `latency_NAME=SECONDS` lines, and the replies to stderr.
+check_generate() {
+  python3 - "$port" "$@" >"$workdir/generate.out" <<'EOF' || { cat "$workdir/generate.out" >&2; die "POST /generate"; }
 import json, sys, time, urllib.request
 
 url = f"http://127.0.0.1:{sys.argv[1]}/generate"
 body = {"prompt": "Tom has 3 apples and buys 4 more. How many apples does he have now?",
         "n_models": 2, "n_samples": 2, "max_tokens": 32, "return_candidates": True, "seed": 1}
-for attempt in ("first", "second"):
+for attempt in sys.argv[2:]:
     request = urllib.request.Request(url, json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     start = time.monotonic()
@@ -202,9 +207,43 @@ for attempt in ("first", "second"):
     assert len(candidates) == 4, f"expected 2 x 2 = 4 candidates, got {len(candidates)}"
     print(f"latency_{attempt}={seconds:.2f}")
 EOF
-grep -v '^latency_' "$workdir/generate.out" | sed 's/^/docker-ci: /' >&2
+  grep -v '^latency_' "$workdir/generate.out" | sed 's/^/docker-ci: /' >&2
+}
+check_generate first second
 latency=$(sed -n 's/^latency_second=//p' "$workdir/generate.out")
 latency_first=$(sed -n 's/^latency_first=//p' "$workdir/generate.out")
+
+# --- 7. the engine dies: the server exits 1, the restart policy brings it back -------------------
+container=$(docker compose ps -q ivonserve)
+restarts=$(docker inspect -f '{{.RestartCount}}' "$container")
+docker compose exec -T ivonserve python3 - <<'EOF' >&2 || die "killing the engine core"
+import os, signal
+
+killed = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/comm") as comm, open(f"/proc/{pid}/cmdline", "rb") as cmd:
+            if "EngineCore" in comm.read() or b"EngineCore" in cmd.read():
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+    except OSError:  # gone meanwhile, or not ours
+        continue
+assert killed, "no EngineCore process in the container"
+print(f"docker-ci: killed vLLM's engine core (pid {killed}) inside the container")
+EOF
+s=$(date +%s)
+deadline=$((s + READY_TIMEOUT))
+until [[ $(docker inspect -f '{{.RestartCount}} {{.State.Health.Status}}' "$container") == \
+  "$((restarts + 1)) healthy" ]]; do
+  (($(date +%s) < deadline)) || die "not restarted and healthy $READY_TIMEOUT s after the engine died"
+  sleep 2
+done
+took[revive]=$(($(date +%s) - s))
+docker compose logs --no-color ivonserve >"$workdir/server.log" 2>&1
+grep -q 'the vLLM engine died' "$workdir/server.log" ||
+  die "the server's log does not say that the engine died"
+log "restarted by the restart policy and healthy again after ${took[revive]} s"
+check_generate after-restart
 
 timeout 180 docker compose down -v --remove-orphans >/dev/null 2>&1 || die "docker compose down -v"
 stack_up=0
@@ -212,5 +251,5 @@ stack_up=0
 log "summary: image $image $((size_bytes / 1000000)) MB; install ${took[install]} s," \
   "base image ${took[base]} s, build ${took[build]} s, up to healthy ${took[ready]} s," \
   "/generate (2 draws x 2 samples, 32 tokens) ${latency_first} s first, ${latency} s second;" \
-  "total $(($(date +%s) - t0)) s"
+  "engine killed -> restarted and healthy in ${took[revive]} s; total $(($(date +%s) - t0)) s"
 echo "docker: 1 passed, 0 failed"

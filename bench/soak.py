@@ -204,18 +204,19 @@ async def wait_idle(probe: httpx.AsyncClient, limit_s: float) -> dict[str, Any]:
         await asyncio.sleep(0.5)
 
 
-def tree_rss(pid: int) -> int | None:
-    """Resident memory of a process and all its descendants (vLLM's engine core is a child)."""
+def tree_rss(pid: int) -> dict[str, int] | None:
+    """Resident memory of a process and of each descendant (vLLM's engine core and its worker
+    are children), by ``name[pid]``, so that a growth can be pinned on one of them."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return None
-    rss = 0
+    rss = {}
     for proc in procs:
         with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
-            rss += proc.memory_info().rss
-    return rss or None  # 0: every process went (a zombie has no memory to read)
+            rss[f"{proc.name()}[{proc.pid}]"] = proc.memory_info().rss
+    return rss or None  # empty: every process went (a zombie has no memory to read)
 
 
 class MemorySampler:
@@ -229,9 +230,12 @@ class MemorySampler:
     async def run(self) -> None:
         while True:
             api = total(await read_metrics(self.probe) or {}, "process_resident_memory_bytes")
-            tree = tree_rss(self.pid) if self.pid else None
+            procs = tree_rss(self.pid) if self.pid else None
+            tree = sum(procs.values()) if procs else None
             t = round(time.monotonic() - self.began, 2)
-            self.samples.append({"t": t, "phase": self.phase, "api": api, "tree": tree})
+            self.samples.append(
+                {"t": t, "phase": self.phase, "api": api, "tree": tree, "procs": procs}
+            )
             await asyncio.sleep(1.0)
 
     def summary(self) -> dict[str, Any]:
@@ -248,6 +252,13 @@ class MemorySampler:
                         "max_mib": max(v for _, v, _ in rows), "steady": _growth(steady),
                         "settled": _growth(steady[int(len(steady) * WARMUP):])}  # fmt: skip
             out[key]["flat"] = out[key]["settled"].get("flat")
+        steady = [s for s in self.samples if s["phase"] == "steady" and s.get("procs")]
+        if steady:  # each process of the tree over the steady phase
+            first, last = steady[0]["procs"], steady[-1]["procs"]
+            out["processes"] = {
+                name: {"first_mib": rss / MIB, "last_mib": last.get(name, 0) / MIB}
+                for name, rss in first.items()
+            }
         return out
 
 
@@ -427,6 +438,8 @@ def markdown(result: dict[str, Any]) -> str:
     for key, label in (("api", "API process (/metrics)"), ("tree", "server process tree")):
         if key in memory:
             lines.append(f"- {label}: {_memory_line(memory[key])}")
+    for name, m in memory.get("processes", {}).items():
+        lines.append(f"  - {name}: {m['first_mib']:.1f} -> {m['last_mib']:.1f} (steady phase)")
     checks = result["checks"].items()
     lines += ["", "Checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in checks)]
     live = result["liveness"]
