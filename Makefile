@@ -20,8 +20,12 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(BIN)/python -c "import vllm, torch, peft, ivon, ivonserve" 2>/dev/null
 	touch $@
 
+# tcmalloc, which vLLM's CPU guide recommends, when installed (Debian: libtcmalloc-minimal4): in the
+# soak, vLLM's worker grew half as much as under glibc's malloc (README, Soak).
+TCMALLOC ?= $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
+
 serve: setup
-	$(BIN)/ivonserve serve $(ARGS)
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(BIN)/ivonserve serve $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
