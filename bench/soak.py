@@ -41,9 +41,9 @@ PROMPTS = [
     "What is 144 divided by 12?",
 ]
 KEEP = 5  # example bodies / error strings kept per phase
-# Memory is judged on the second half of the steady phase: in the first, vLLM's engine still
-# touches its preallocated KV cache for the first time and compiles kernels, which a leak test
-# must not mistake for a leak. "Flat": the fitted trend over that half is under 2% of its level.
+# Memory is judged on the second half of the steady phase: in the first, a fresh server's caches
+# fill (vLLM's CPU worker grows fastest at first: README, Soak), which a leak test must not
+# mistake for a leak. "Flat": the fitted trend over that half is under 2% of its level.
 WARMUP = 0.5
 FLAT = 0.02
 MIB = 1 << 20

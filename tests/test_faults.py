@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,14 @@ def _edit_tensors(path: Path, edit) -> None:
     save_file(tensors, str(path))
 
 
-def _truncated(folder: Path) -> None:
-    weights = folder / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+def _truncate(name: str) -> Callable[[Path], None]:
+    """A damage that cuts the folder's file ``name`` in half (a torn download or copy)."""
+
+    def damage(folder: Path) -> None:
+        path = folder / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return damage
 
 
 def _wrong_hessian_shape(folder: Path) -> None:
@@ -186,21 +192,17 @@ def _other_base_model(folder: Path) -> None:
         _edit_tensors(folder / name, edit)
 
 
-def _truncated_weights(folder: Path) -> None:
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-
-
 # (name, which folder is damaged, damage, what the one line must say)
 BAD_FOLDERS = [
     ("missing folder", "posterior", lambda folder: shutil.rmtree(folder), "does not exist"),
     ("no posterior.json", "posterior", lambda folder: (folder / "posterior.json").unlink(),
      "posterior.json"),
-    ("truncated safetensors", "posterior", _truncated, "adapter_model.safetensors: unreadable"),
+    ("truncated safetensors", "posterior", _truncate("adapter_model.safetensors"),
+     "adapter_model.safetensors: unreadable"),
     ("hessian of the wrong shape", "posterior", _wrong_hessian_shape, "hessian.safetensors"),
     ("NaN in the mean", "posterior", _nan_mean, "NaN"),
     ("shaped for another model", "posterior", _other_base_model, "lora_A"),
-    ("model with torn weights", "model", _truncated_weights,
+    ("model with torn weights", "model", _truncate("model.safetensors"),
      "model.safetensors: unreadable safetensors"),
     ("model config not JSON", "model", lambda f: (f / "config.json").write_text("{oops"),
      "config.json: unusable"),
