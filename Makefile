@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(notdir $(LOCK))
 # local wheel folder (PIP_FIND_LINKS), as on machines with no access to that index.
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup serve test lint format lock bench-mbr bench-fanout bench-overhead bench-soak clean
+.PHONY: setup serve serve-ray test test-fast lint format lock bench-mbr bench-fanout bench-overhead bench-soak clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,20 @@ TCMALLOC ?= $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4
 serve: setup
 	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(BIN)/ivonserve serve $(ARGS)
 
+# Replicas on a local Ray cluster that this starts and stops (Ray Serve); RAY_ADDRESS=... joins an
+# existing one instead. Each replica takes NUM_CPUS CPUs of the cluster.
+REPLICAS ?= 1
+NUM_CPUS ?= 1
+serve-ray: setup
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(BIN)/ivonserve serve-ray --replicas $(REPLICAS) \
+	  --num-cpus $(NUM_CPUS) $(ARGS)
+
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+# The inner loop: every test that starts no vLLM engine (under a minute); CI runs `make test`.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not engine and not e2e" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff format --check .

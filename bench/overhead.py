@@ -88,7 +88,7 @@ def settings_for(args: argparse.Namespace, port: int):
 async def in_process(service, body: dict[str, Any]) -> dict[str, Any]:
     """(a): what the /generate route does, without HTTP."""
     from ivonserve.protocol import GenerateRequest
-    from ivonserve.server.serving import generate_response
+    from ivonserve.server.responses import generate_response
 
     began = time.perf_counter()
     plan = service.plan_generate(GenerateRequest(**body))

@@ -1,8 +1,11 @@
 """Does a running ivonserve stay up, keep every request it accepts, and hold its memory under load?
 
-A bounded soak on loopback, HTTP only: `steady` sends --requests at --concurrency, then `burst`
-sends --burst at once (past the server's limits, so some must be refused with 429/503 and a
-Retry-After), waiting for the server to drain (`/metrics` gauges back to 0) after each; a last
+A bounded soak on loopback, HTTP only: `steady` sends --requests at --concurrency; `long` sends
+--long requests of long prompts (--long-words words, ignore_eos) at the same concurrency, so that
+their prefills exceed vLLM's per-step token budget and are chunked (seeded requests with chunked
+prefills once killed vLLM's CPU engine: ivonserve's vLLM plugin); then `burst` sends --burst at
+once (past the server's limits, so some must be refused with 429/503 and a Retry-After), waiting
+for the server to drain (`/metrics` gauges back to 0) after each; a last
 request must then still succeed. Memory (the API process from /metrics; with --server-pid, that
 process and its children, where vLLM's engine runs) is sampled every second. Stops by itself:
 after the counts, or at --deadline-s. Results go to OUT/soak.json and OUT/soak.md; the exit code
@@ -11,7 +14,7 @@ the server went idle, the last request succeeded, `steady` saw no refusals and m
 once warm (see WARMUP, FLAT); 2 when the server cannot be reached.
 
     .venv/bin/python bench/soak.py --url http://127.0.0.1:8000 --requests 200 --concurrency 8 \
-        --burst 64 --out bench/results/soak
+        --long 16 --burst 64 --out bench/results/soak
 """
 
 from __future__ import annotations
@@ -315,6 +318,23 @@ def bodies(first: int, count: int, prompts: list[str], args: argparse.Namespace)
     return out
 
 
+def long_prompts(prompts: list[str], words: int) -> list[str]:
+    """Prompts of at least ``words`` words: the questions joined, each start shifted by one."""
+    out = []
+    for start in range(len(prompts)):
+        text: list[str] = []
+        while len(text) < words:
+            text += prompts[(start + len(text)) % len(prompts)].split()
+        out.append(" ".join(text[:words]))
+    return out
+
+
+def long_bodies(first: int, count: int, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+    """The `long` phase: long prompts, every token generated (ignore_eos), seeded."""
+    texts = long_prompts(prompts, args.long_words)
+    return [{**body, "ignore_eos": True} for body in bodies(first, count, texts, args)]
+
+
 async def preflight(probe: httpx.AsyncClient, url: str) -> Any:
     """The server answers and is ready; returns its /v1/models."""
     try:
@@ -356,10 +376,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         phases: dict[str, PhaseSummary] = {}
         try:
             first, progress = 0, not args.no_progress
-            plan = [("steady", args.requests, args.concurrency), ("burst", args.burst, args.burst)]
-            for name, count, width in plan:
+            plan = [
+                ("steady", args.requests, args.concurrency, bodies),
+                ("long", args.long, args.concurrency, long_bodies),
+                ("burst", args.burst, args.burst, bodies),
+            ]
+            for name, count, width, make in plan:
+                if name == "long" and count == 0:
+                    continue
                 sampler.phase = name
-                todo = bodies(first, count, prompts, args)
+                todo = make(first, count, prompts, args)
                 outcomes, wall = await run_phase(load, name, todo, width, deadline, progress)
                 first += count
                 sampler.phase = f"{name}-drain"
@@ -417,7 +443,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{machine['started']}, {machine['platform']}, {machine['cpus']} CPUs, load "
         f"{machine['loadavg_start'][0]:.2f} -> {machine['loadavg_end'][0]:.2f}. "
-        f"{cfg['requests']} requests at concurrency {cfg['concurrency']}, then a burst of "
+        f"{cfg['requests']} requests at concurrency {cfg['concurrency']}, "
+        f"{cfg['long']} of {cfg['long_words']}-word prompts (ignore_eos), then a burst of "
         f"{cfg['burst']}; mix {cfg['mix']}, max_tokens {cfg['max_tokens']}"
         + (" (deadline hit: some not sent)." if result["deadline_hit"] else "."),
         "",
@@ -477,6 +504,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' on every call")
     parser.add_argument("--requests", type=int, default=200, help="steady phase: how many")
     parser.add_argument("--concurrency", type=int, default=8, help="steady phase: in flight")
+    parser.add_argument(
+        "--long",
+        type=int,
+        default=16,
+        help="long phase: requests of long prompts (chunked prefills); 0: none",
+    )
+    parser.add_argument("--long-words", type=int, default=300, help="long phase: prompt words")
     parser.add_argument("--burst", type=int, default=64, help="burst phase: sent at once")
     parser.add_argument("--mix", type=parse_mix, default=parse_mix("1x1,2x2,4x2"))
     parser.add_argument("--max-tokens", type=int, default=32)

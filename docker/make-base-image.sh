@@ -31,12 +31,21 @@ command -v debootstrap >/dev/null || {
   exit 1
 }
 
-# The first URIs line of the host's deb822 sources (e.g. http://deb.debian.org/debian).
+# The mirror: $MIRROR, else the host's own apt sources (the first URIs line of deb822 sources,
+# else the first `deb` line of sources.list); no mirror is named here.
 mirror=${MIRROR:-}
 if [[ -z $mirror ]]; then
-  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources \
+    /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
 fi
-mirror=${mirror:-http://deb.debian.org/debian}
+if [[ -z $mirror ]]; then
+  mirror=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
+    /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n 1 || true)
+fi
+if [[ -z $mirror ]]; then
+  log "no Debian mirror: set MIRROR=URL (none in /etc/apt/sources.list.d/*.sources or sources.list)"
+  exit 1
+fi
 
 root=$(mktemp -d /tmp/ivonserve-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT

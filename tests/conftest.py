@@ -36,8 +36,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+ENGINE_FIXTURES = frozenset({"live", "client", "engine", "serve_with"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """e2e tests last: their fixture stops the shared tiny engine (one engine at a time)."""
+    """Every test that starts vLLM (through an engine fixture) is marked ``engine``, so
+    ``make test-fast`` (``-m "not engine and not e2e"``) runs the rest; e2e tests run last:
+    their fixture stops the shared tiny engine (one engine at a time)."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
@@ -241,6 +249,9 @@ def tiny_settings(tiny_model: Path, tiny_posterior: Path) -> Any:
         default_utility="chrf",
         request_timeout_s=120,
         enforce_eager=True,  # eager: the first request is ~3 s instead of ~25 s of compiling
+        dtype="float32",  # parity with peft + transformers is exact in float32
+        # small: prefills of concurrent requests are chunked (the seeded-sampling fix's case)
+        max_num_batched_tokens=256,
         log_level="warning",
     )
 
@@ -283,6 +294,7 @@ class HFReference:
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._cache: dict[tuple, list[int]] = {}
+        self._models: dict[str, Any] = {}
 
     def prompt_ids(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -297,17 +309,35 @@ class HFReference:
             self._cache[key] = self._greedy(adapter_dir, prompt_ids, n)
         return self._cache[key]
 
+    def model(self, adapter_dir: str | Path | None) -> Any:
+        """The base model in float32 with the adapter on top (None: the base model), cached."""
+        key = str(adapter_dir)
+        if key not in self._models:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            if adapter_dir is not None:
+                model = PeftModel.from_pretrained(model, str(adapter_dir))
+            self._models[key] = model.eval()
+        return self._models[key]
+
+    def logprobs(self, adapter_dir: str | Path | None, ids: list[int], start: int) -> list[float]:
+        """Teacher-forced log p(ids[t] | ids[:t]) for t = start..end (one forward pass)."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(adapter_dir)(torch.tensor([ids])).logits[0].double()
+        table = torch.log_softmax(logits, dim=-1)
+        return [table[t - 1, ids[t]].item() for t in range(start, len(ids))]
+
     def _greedy(self, adapter_dir: str | Path | None, prompt_ids: list[int], n: int) -> list[int]:
         import copy
 
         import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        model.eval()
+        model = self.model(adapter_dir)
         config = copy.deepcopy(model.generation_config)
         config.eos_token_id = None  # ignore_eos: decode exactly n tokens
         config.do_sample = False

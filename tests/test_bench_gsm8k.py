@@ -100,3 +100,64 @@ def test_bad_url_and_bad_data_are_one_line_errors(data, tmp_path):
     assert run.returncode == 2 and "missing.jsonl: data file not found" in run.stderr
     run = _cli("--data", str(data), "--grid", "4by8", "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "--grid: '4by8' is not MODELSxSAMPLES" in run.stderr
+
+
+def test_model_reaches_the_named_posterior_and_an_unknown_one_is_one_line(live, data, tmp_path):
+    out = tmp_path / "adapter"
+    results = asyncio.run(gsm8k.run(_args(live.url, data, out, "--model", "tiny-mean",
+                                          "--label", "adamw-like")))  # fmt: skip
+    assert results["model"] == "tiny-mean" and results["label"] == "adamw-like"
+    assert results["server"]["kind"] == "adapter"
+    assert {r["model"] for r in _records(out)} == {"tiny-mean"}  # the server says who answered
+    assert results["dataset"] == data.parent.name
+    assert "# " + data.parent.name in (out / "report.md").read_text()
+    run = subprocess.run(
+        [sys.executable, "-m", "ivonserve", "bench", "gsm8k", "--url", live.url, "--data",
+         str(data), "--model", "nope", "--out", str(tmp_path / "x"), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "--model 'nope': not served" in run.stderr
+
+
+def _fake_run(folder: Path, label: str, grid: str, correct: list[bool]) -> Path:
+    folder.mkdir(parents=True)
+    records = [{"grid": grid, "model": label, "index": i, "gold": "1", "answer": "1",
+                "correct": c, "confidence": 0.9 if c else 0.6, "completion_tokens": 10 + i,
+                "latency_s": 1.0} for i, c in enumerate(correct)]  # fmt: skip
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = {"label": label, "model": label, "dataset": "svamp", "data": "svamp/test.jsonl",
+               "points": [{"grid": grid}]}  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_mcnemar_on_hand_made_cases():
+    from ivonserve.bench.compare import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # 2 * (1/2)^6
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)  # 2 * (C(10,0)+C(10,1)) / 2^10
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+
+
+def test_compare_recomputes_the_table_from_the_records(tmp_path):
+    from ivonserve.cli import main
+
+    a = _fake_run(tmp_path / "ivon", "ivon", "4x8", [True] * 8 + [False] * 2)
+    b = _fake_run(tmp_path / "adamw", "adamw", "0x32", [True, False] * 5)
+    assert main(["bench", "compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    arms = {x["arm"]: x for x in result["arms"]}
+    assert arms["ivon 4x8"]["accuracy"] == 0.8 and arms["adamw 0x32"]["accuracy"] == 0.5
+    assert (
+        arms["ivon 4x8"]["candidates"] == 32 and arms["adamw 0x32"]["tokens_per_question"] == 14.5
+    )
+    (pair,) = result["pairs"]
+    # ivon right and adamw wrong on questions 1, 3, 5, 7; the reverse on 8 (9: both wrong)
+    assert (pair["only_a"], pair["only_b"]) == (4, 1)
+    assert pair["p_mcnemar"] == pytest.approx(2 * (1 + 5) / 32)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert report.startswith("# svamp") and "| ivon 4x8 | adamw 0x32 | 10 | 4 | 1 |" in report
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0

@@ -32,12 +32,17 @@ def test_soak_counts_what_the_server_counted(serve_with, tmp_path):
     srv = serve_with(max_in_flight=1, max_queued=1)
     out = tmp_path / "soak"
     args = ["--requests", "4", "--concurrency", "1", "--burst", "6", "--mix", "1x1,2x2",
-            "--max-tokens", "48", "--idle-wait-s", "60"]  # fmt: skip
+            "--max-tokens", "48", "--idle-wait-s", "60", "--long", "3",
+            "--long-words", "120"]  # fmt: skip
     run = _run(srv.url, out, *args)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads((out / "soak.json").read_text())
     steady, burst = result["phases"]["steady"], result["phases"]["burst"]
+    long = result["phases"]["long"]
     assert (steady["sent"], steady["completed"], steady["refused"]) == (4, 4, 0)
+    # long prompts at every token (ignore_eos): prefills past the server's 256-token budget
+    assert (long["sent"], long["completed"], long["failed"]) == (3, 3, 0)
+    assert long["tokens"] == sum(max(1, k) * s * 48 for k, s in [(2, 2), (1, 1), (2, 2)])
     assert burst["sent"] == 6 and burst["completed"] + burst["refused"] == 6
     assert burst["completed"] >= 2  # one in flight + one queued are always accepted
     assert result["totals"]["failed"] == result["totals"]["lost"] == 0
@@ -45,7 +50,7 @@ def test_soak_counts_what_the_server_counted(serve_with, tmp_path):
     assert all(result["checks"].values()) and result["ok"]
     # the client's view equals the server's: every 200 and every 429 it counted was answered
     samples = scrape(srv.url)
-    completed = steady["completed"] + burst["completed"] + 1  # + the last (liveness) request
+    completed = steady["completed"] + long["completed"] + burst["completed"] + 1  # + liveness
     assert metric(samples, "ivonserve_requests_total", route="/generate", status="200") == completed
     refused = metric(samples, "ivonserve_requests_total", route="/generate", status="429")
     assert refused == burst["refused"]

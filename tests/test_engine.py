@@ -32,7 +32,7 @@ def test_pool_is_registered_as_lora_slots(live, engine, tiny_posterior):
     assert set(live.run(engine.llm.list_loras())) == every  # both pools, distinct ids
     args = engine.engine_args
     posterior = Posterior.load(tiny_posterior)
-    assert args["max_loras"] == len(every) + 1  # every draw and mean + a spare slot
+    assert args["max_loras"] == len(every)  # every draw and mean; the grouped kernel needs no spare
     assert args["max_lora_rank"] >= posterior.rank
     assert args["lora_target_modules"] == posterior.target_modules
     assert args["block_size"] == 32 and args["dtype"] == "float32"
@@ -48,11 +48,11 @@ def test_greedy_tokens_equal_peft_for_every_draw_and_the_mean(live, engine, hf):
     pool = engine.pools["tiny"]
     draws = live.run(engine.fan_out(prompt_ids, POOL_SIZE, 1, GREEDY))
     mean = live.run(engine.fan_out(prompt_ids, 0, 1, GREEDY))
-    assert [c.model for c in draws.candidates] == list(range(POOL_SIZE))
-    assert [c.model for c in mean.candidates] == [None]
+    assert [c.draw for c in draws.candidates] == list(range(POOL_SIZE))
+    assert [c.draw for c in mean.candidates] == [None]
     for cand in draws.candidates:
-        expected = hf.greedy(pool.draws[cand.model].lora_path, prompt_ids, 16)
-        assert list(cand.token_ids) == expected, f"draw {cand.model}"
+        expected = hf.greedy(pool.draws[cand.draw].lora_path, prompt_ids, 16)
+        assert list(cand.token_ids) == expected, f"draw {cand.draw}"
         assert cand.text == hf.decode(expected)
     assert list(mean.candidates[0].token_ids) == hf.greedy(pool.mean.lora_path, prompt_ids, 16)
     # the draws are different models: their greedy outputs are not all the same
@@ -62,7 +62,7 @@ def test_greedy_tokens_equal_peft_for_every_draw_and_the_mean(live, engine, hf):
 def test_fan_out_shape_draws_and_seeds(live, engine):
     sampling = SamplingOptions(max_tokens=12, temperature=1.0, seed=7)
     first = live.run(engine.fan_out(PROMPT, 3, 2, sampling))
-    assert [(c.model, c.sample) for c in first.candidates] == [
+    assert [(c.draw, c.sample) for c in first.candidates] == [
         (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
     ]  # fmt: skip
     assert len(first.request_ids) == len(set(first.request_ids)) == 3
@@ -99,26 +99,33 @@ def test_greedy_with_several_samples_repeats_the_one_decode(live, engine):
 
 
 def test_base_request_in_a_full_batch_keeps_the_base_model(live, engine, hf):
-    """Upstream bug: a no-LoRA request batched while every LoRA slot is busy got the last slot's
-    adapter. Here every adapter (K draws + mean) runs in the same batch as a base request; the
-    spare slot (max_loras = K + 2) keeps the base request on the base model."""
+    """Upstream bug: with vLLM's CPU LoRA ops, a no-LoRA request batched while every LoRA slot is
+    busy got the last slot's adapter (its index -1 reads weights[-1]). The grouped kernel leaves
+    such tokens alone, so there is no spare slot (max_loras = every adapter): here every adapter
+    of both pools runs in the same batch as a base request, and the base request keeps the base
+    model."""
     prompt_ids = engine.render(PROMPT)
     pool = engine.pools["tiny"]
+    slots = sum(p.size + 1 for p in engine.pools.values())
+    assert engine.engine_args["max_loras"] == slots  # every slot taken by the batch below
 
     async def mixed():
+        other = engine.pools["tiny-mean"].name
         return await asyncio.gather(
             engine.fan_out(prompt_ids, POOL_SIZE, 1, GREEDY),
             engine.fan_out(prompt_ids, 0, 1, GREEDY),
             engine.generate_base(prompt_ids, GREEDY),
+            engine.fan_out(prompt_ids, POOL_SIZE, 1, GREEDY, pool=other),
+            engine.fan_out(prompt_ids, 0, 1, GREEDY, pool=other),
         )
 
-    draws, mean, base = live.run(mixed())
+    draws, mean, base, *_ = live.run(mixed())
     base_ids = list(base[0].token_ids)
     assert base_ids == hf.greedy(None, prompt_ids, 16)
     adapters = [list(c.token_ids) for c in draws.candidates] + [list(mean.candidates[0].token_ids)]
     assert base_ids not in adapters  # so a wrongly given adapter would have been caught
     for cand in draws.candidates:  # and every LoRA request kept its own adapter
-        assert list(cand.token_ids) == hf.greedy(pool.draws[cand.model].lora_path, prompt_ids, 16)
+        assert list(cand.token_ids) == hf.greedy(pool.draws[cand.draw].lora_path, prompt_ids, 16)
 
 
 def _long() -> SamplingOptions:
@@ -169,3 +176,22 @@ def test_invalid_requests_name_the_field(live, engine):
         assert err.value.field == field
     with pytest.raises(InvalidRequest):
         live.run(engine.fan_out(PROMPT, 1, 1, GREEDY, pool="nope"))
+
+
+def test_ivonserve_sample_writes_exactly_the_servers_draw(engine, tiny_posterior, tiny_settings,
+                                                          tmp_path):  # fmt: skip
+    from ivonserve import cli
+
+    pool = engine.pools["tiny"]
+    for k in (0, POOL_SIZE - 1):
+        out = tmp_path / f"draw-{k}"
+        code = cli.main([
+            "sample", str(tiny_posterior), "--draw", str(k),
+            "--pool-seed", str(tiny_settings.pool_seed),
+            "--temperature", str(tiny_settings.sampling_temperature),
+            "--prune", str(tiny_settings.prune), "--prune-by", tiny_settings.prune_by,
+            "--out", str(out),
+        ])  # fmt: skip
+        assert code == 0
+        served = Path(pool.draws[k].lora_path) / "adapter_model.safetensors"
+        assert (out / "adapter_model.safetensors").read_bytes() == served.read_bytes()

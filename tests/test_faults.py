@@ -279,17 +279,33 @@ def test_engine_death_fails_requests_and_readiness_then_exits_1(tmp_path, tiny_m
         result: dict[str, Any] = {}
         body = {"prompt": PROMPT, "n_models": 2, "n_samples": 4, "max_tokens": 450,
                 "temperature": 1.0, "ignore_eos": True}  # fmt: skip
+        chat = {"messages": [{"role": "user", "content": PROMPT}], "stream": True,
+                **{k: v for k, v in body.items() if k != "prompt"}}  # fmt: skip
 
         def call() -> None:
             result["response"] = httpx.post(f"{url}/generate", json=body, timeout=120)
+
+        def stream(name: str, path: str, payload: dict) -> None:
+            with httpx.stream("POST", f"{url}{path}", json=payload, timeout=120) as answer:
+                result[name] = [line for line in answer.iter_lines() if line]
 
         # Freeze the engine core first: the tiny model would finish the request between two
         # polls, so only a stopped core guarantees the kill lands mid-request.
         core = _engine_core(proc.pid)
         core.suspend()
-        thread = threading.Thread(target=call, daemon=True)
-        thread.start()
-        _wait_in_flight(url, result)
+        threads = [
+            threading.Thread(target=call, daemon=True),
+            threading.Thread(
+                target=stream, args=("generate", "/generate", {**body, "stream": True}),
+                daemon=True,
+            ),
+            threading.Thread(
+                target=stream, args=("chat", "/v1/chat/completions", chat), daemon=True
+            ),
+        ]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        _wait_in_flight(url, result, 3)
         core.kill()
         statuses = []
         deadline = time.monotonic() + 60
@@ -299,10 +315,19 @@ def test_engine_death_fails_requests_and_readiness_then_exits_1(tmp_path, tiny_m
             except httpx.TransportError:
                 break  # the server has stopped listening
             time.sleep(0.02)
-        thread.join(60)
+        for thread in threads:
+            thread.join(60)
         answer = result["response"]
         assert answer.status_code == 503, answer.text
         assert "engine died" in answer.json()["error"]["message"]
+        # each stream ends with OpenAI's error object, then [DONE]: never a truncated body
+        for name in ("generate", "chat"):
+            lines = result[name]
+            assert lines[-1] == "data: [DONE]", (name, lines[-3:])
+            last = json.loads(lines[-2].removeprefix("data: "))
+            assert "engine died" in last["error"]["message"], (name, last)
+            assert last["error"]["code"] == 503 and last["error"]["type"]
+        assert json.loads(result["generate"][-2].removeprefix("data: "))["type"] == "error"
         assert 503 in statuses and statuses[-1] == 503  # never back to 200
         assert proc.wait(timeout=120) == 1
         text = log_path.read_text()
@@ -329,9 +354,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path) -> None:
     pytest.fail("not ready after 900 s")
 
 
-def _wait_in_flight(url: str, result: dict[str, Any]) -> None:
+def _wait_in_flight(url: str, result: dict[str, Any], count: int = 1) -> None:
     deadline = time.monotonic() + 60
-    while "ivonserve_requests_in_flight 1.0" not in httpx.get(f"{url}/metrics").text:
+    while f"ivonserve_requests_in_flight {count:.1f}" not in httpx.get(f"{url}/metrics").text:
         assert time.monotonic() < deadline, f"the request never started: {result}"
         time.sleep(0.05)
     time.sleep(0.5)  # its engine requests are sent to the (frozen) core

@@ -42,7 +42,7 @@ def cands(*draws: list[str], logprobs=None, tokens=None) -> list[Candidate]:
             i = len(out)
             lp = None if logprobs is None else logprobs[i]
             tk = None if tokens is None else tokens[i]
-            out.append(Candidate(model=m, text=t, logprob=lp, tokens=tk))
+            out.append(Candidate(draw=m, text=t, logprob=lp, tokens=tk))
     return out
 
 
@@ -411,6 +411,15 @@ def test_register_custom_utility_and_method():
     finally:
         UTILITIES._items.pop("test_length", None)
         METHODS._items.pop("test_flat_w", None)
+
+
+def test_a_registered_name_cannot_be_replaced():
+    before = METHODS["flat"]
+    with pytest.raises(ValueError, match="method 'flat' is already registered"):
+        register_method("flat", Flat(MethodConfig(weighted=True)))
+    with pytest.raises(ValueError, match="utility 'chrf' is already registered"):
+        register_utility("chrf", lambda a, b: 1.0)
+    assert METHODS["flat"] is before and not METHODS["flat"].config.weighted
 
 
 def test_matrix_equals_pairwise_calls_and_dedupes():

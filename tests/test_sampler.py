@@ -14,6 +14,8 @@ from ivonserve.posterior import Posterior
 from ivonserve.sampler import Sampler, SamplerConfig, draw_seed, prune_mask
 from ivonserve.train import TrainConfig, train
 
+UNPRUNED = SamplerConfig(prune=0.0)
+
 N_DRAWS = 200
 
 
@@ -52,7 +54,7 @@ def _standardised(posterior: Posterior, config: SamplerConfig) -> dict[str, torc
 
 
 def test_noise_is_standard_normal_per_tensor(posterior):
-    for key, z in _standardised(posterior, SamplerConfig()).items():
+    for key, z in _standardised(posterior, UNPRUNED).items():
         n = z.numel()
         # mean of n standard normals has sd 1/sqrt(n); the sample std has sd ~1/sqrt(2n): 6 sigma.
         assert abs(z.mean().item()) < 6 / math.sqrt(n), key
@@ -68,19 +70,19 @@ def test_h_varies_so_sigma_is_per_coordinate(posterior):
 
 @pytest.mark.parametrize("temperature", [0.25, 4.0])
 def test_temperature_scales_spread_as_sqrt(posterior, temperature):
-    for key, z in _standardised(posterior, SamplerConfig(temperature=temperature)).items():
+    for key, z in _standardised(posterior, SamplerConfig(temperature, prune=0.0)).items():
         expected = math.sqrt(temperature)
         assert abs(z.std().item() / expected - 1) < 6 / math.sqrt(2 * z.numel()), key
 
 
 def test_temperature_zero_is_the_mean(posterior):
-    sampler = Sampler(posterior, SamplerConfig(temperature=0.0))
+    sampler = Sampler(posterior, SamplerConfig(temperature=0.0, prune=0.0))
     for key, value in sampler.draw(3).items():
         assert torch.equal(value, posterior.mean[key])
 
 
 def test_same_seed_same_bytes_other_seed_different(posterior, tmp_path):
-    sampler = Sampler(posterior)
+    sampler = Sampler(posterior, UNPRUNED)
     a = sampler.write(sampler.draw(11), tmp_path / "a")
     b = sampler.write(sampler.draw(11), tmp_path / "b")
     c = sampler.write(sampler.draw(12), tmp_path / "c")
@@ -119,6 +121,23 @@ def test_pruning_zeroes_the_chosen_fraction_everywhere(posterior, prune_by):
     assert score[dropped].min() >= score[~dropped].max()
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.37])
+def test_random_pruning_drops_exactly_the_fraction_seeded_and_unrelated_to_variance(
+    posterior, fraction
+):
+    config = SamplerConfig(prune=fraction, prune_by="random")
+    mask = prune_mask(posterior, config)
+    dropped = torch.cat([~m.flatten() for m in mask.values()])
+    assert dropped.sum().item() == round(fraction * posterior.num_params)
+    again = prune_mask(posterior, config)  # seeded: the same mask every time
+    assert all(torch.equal(mask[k], again[k]) for k in mask)
+    # not the variance ranking: dropped and kept entries overlap in variance
+    variance = torch.cat([posterior.variance()[k].flatten() for k in posterior.keys])
+    assert variance[dropped].min() < variance[~dropped].max()
+    by_variance = prune_mask(posterior, SamplerConfig(prune=fraction, prune_by="variance"))
+    assert any(not torch.equal(mask[k], by_variance[k]) for k in mask)
+
+
 def test_plain_adapter_draws_are_the_adapter(posterior_dir, tmp_path):
     """`serve --adapter`: a zero-variance posterior, so every draw equals the adapter itself."""
     import shutil
@@ -149,7 +168,7 @@ def test_peft_loads_draws_and_mean(posterior, posterior_dir, model_dir, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    sampler = Sampler(posterior)
+    sampler = Sampler(posterior, UNPRUNED)
     ids = torch.tensor([[1, 17, 40, 33, 90, 12]])
 
     def run(adapter: Path) -> tuple[torch.Tensor, torch.Tensor]:

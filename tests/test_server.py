@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import time
@@ -12,8 +11,6 @@ import pytest
 from conftest import POOL_SIZE
 
 from ivonserve import cli, mbr
-from ivonserve.config import Settings, add_cli_arguments
-from ivonserve.errors import IvonserveError
 from ivonserve.server import ApiError, GenerationService
 from ivonserve.server.limits import Admission
 from ivonserve.server.metrics import Metrics
@@ -282,92 +279,41 @@ def test_request_timeout_is_504_and_aborts(live, engine, tiny_settings):
     assert service.admission.in_flight == 0  # the slot came back
 
 
-# --- settings and the CLI (no engine) ----------------------------------------------------------
-def test_every_setting_has_a_documented_flag(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["serve", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for name, field in Settings.model_fields.items():
-        assert "--" + name.replace("_", "-") in text
-        assert field.description, name
-        assert f"IVONSERVE_{name.upper()}" in text
-
-
-def test_every_setting_is_in_the_readme_table():
-    from ivonserve.config import repo_root
-
-    readme = (repo_root() / "README.md").read_text()
-    for name in Settings.model_fields:
-        flag, env = "--" + name.replace("_", "-"), f"IVONSERVE_{name.upper()}"
-        assert f"| `{flag}` | `{env}` |" in readme, name
-
-
-def test_flags_override_the_environment(monkeypatch):
-    monkeypatch.setenv("IVONSERVE_POOL_SIZE", "5")
-    monkeypatch.setenv("IVONSERVE_PORT", "9001")
-    parser = add_cli_arguments(argparse.ArgumentParser())
-    settings = Settings.from_cli(parser.parse_args(["--pool-size", "3", "--dtype", "none"]))
-    assert settings.pool_size == 3 and settings.port == 9001 and settings.dtype is None
-    assert Settings.from_cli(parser.parse_args(["--enforce-eager"])).enforce_eager is True
-    with pytest.raises(IvonserveError, match="pool_size"):
-        Settings.from_cli(parser.parse_args(["--pool-size", "zero"]))
-    with pytest.raises(IvonserveError, match="prune"):
-        Settings.from_cli(parser.parse_args(["--prune", "1.5"]))
-    with pytest.raises(IvonserveError, match=r"default_selection.*valid: flat"):
-        Settings.from_cli(parser.parse_args(["--default-selection", "best"]))
-    defaults = Settings()
-    assert defaults.pool_size == 5  # from the environment
-    (spec,) = defaults.posterior_specs()
-    assert str(spec.path).endswith("posteriors/smollm2-135m-gsm8k")
-    assert spec.name == "smollm2-135m-gsm8k" and spec.kind == "posterior"
-
-
-def test_config_file_ranks_below_the_environment_and_the_flags(tmp_path, monkeypatch):
-    parser = add_cli_arguments(argparse.ArgumentParser())
-    toml = tmp_path / "settings.toml"
-    toml.write_text('pool_size = 3\nport = 9100\ndefault_n_samples = 2\napi_keys = ["a", "b"]\n')
-    monkeypatch.setenv("IVONSERVE_PORT", "9200")
-    args = parser.parse_args(["--config", str(toml), "--default-n-samples", "5"])
-    settings = Settings.from_cli(args)
-    assert settings.pool_size == 3  # the file
-    assert settings.port == 9200  # the environment over the file
-    assert settings.default_n_samples == 5  # the flag over both
-    assert settings.api_key_list() == ["a", "b"]
-    assert "a" not in settings.summary().split("api_keys")[1].split("\n")[0]  # masked
-    monkeypatch.setenv("IVONSERVE_CONFIG", str(toml))
-    assert Settings.build().pool_size == 3  # the file named by the environment
-    as_json = tmp_path / "settings.json"
-    as_json.write_text(json.dumps({"pool_size": 6}))
-    assert Settings.build(config=str(as_json)).pool_size == 6
-    for text, message in [("pool_sise = 3", "unknown setting 'pool_sise'"),
-                          ("pool_size = ", "not valid TOML")]:  # fmt: skip
-        toml.write_text(text)
-        with pytest.raises(IvonserveError, match=message):
-            Settings.build(config=str(toml))
-
-
-def test_posteriors_repeat_as_flags_or_commas(monkeypatch, tmp_path):
-    parser = add_cli_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(
-        ["--posterior", "math=/p/a", "--posterior", "/p/code", "--adapter", "base=/p/adamw"]
-    )
-    specs = Settings.from_cli(args).posterior_specs()
-    assert [(s.name, str(s.path), s.kind) for s in specs] == [
-        ("math", "/p/a", "posterior"), ("code", "/p/code", "posterior"),
-        ("base", "/p/adamw", "adapter"),
-    ]  # fmt: skip
-    monkeypatch.setenv("IVONSERVE_POSTERIOR", "x=/p/1, y=/p/2")
-    assert [s.name for s in Settings().posterior_specs()] == ["x", "y"]
-    monkeypatch.setenv("IVONSERVE_ADAPTER", "/q/adamw")  # adapter alone: no default posterior
-    monkeypatch.delenv("IVONSERVE_POSTERIOR")
-    assert [s.name for s in Settings().posterior_specs()] == ["adamw"]
-    for bad, message in [(["a=/p/1", "a=/p/2"], "used twice"), (["../x=/p"], "NAME"),
-                         (["a="], "NAME")]:  # fmt: skip
-        with pytest.raises(IvonserveError, match=message):
-            Settings.build(posterior=bad).posterior_specs()
-
-
 def test_serve_refuses_a_missing_posterior_in_one_line(tmp_path, capsys):
     code = cli.main(["serve", "--posterior", str(tmp_path / "none"), "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_vllm_sampling_extensions_apply_to_every_draw(client, engine):
+    """vLLM's own extensions (its OpenAI server takes them) reach every draw's request."""
+    base = {"prompt": PROMPT, "n_models": 2, "n_samples": 2, "max_tokens": 8, "seed": 3,
+            "return_candidates": True, "ignore_eos": True}  # fmt: skip
+    greedy = post(client, {**base, "temperature": 0})["candidates"]
+    top1 = post(client, {**base, "temperature": 1.0, "top_k": 1})["candidates"]
+    assert [c["text"] for c in top1] == [c["text"] for c in greedy]  # top_k=1 is greedy
+    token = engine.encode(" clips")[0]
+    forced = post(client, {**base, "temperature": 1.0, "logit_bias": {str(token): 100}})
+    word = engine.tokenizer.decode([token])
+    assert all(c["text"] == word * 8 for c in forced["candidates"])
+    stopped = post(client, {**base, "logit_bias": {str(token): 100}, "ignore_eos": False,
+                            "stop_token_ids": [token], "temperature": 1.0})  # fmt: skip
+    assert all(c["finish_reason"] == "stop" and c["tokens"] == 1 for c in stopped["candidates"])
+    accepted = [
+        {"repetition_penalty": 1.3},
+        {"min_p": 0.1},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": 0.5},
+        {"min_tokens": 4},
+        {"top_k": -1},
+        {"skip_special_tokens": False},
+        {"include_stop_str_in_output": True},
+    ]
+    for extra in accepted:  # fmt: skip
+        post(client, {**base, **extra})
+    for body, field in (({"best_of": 2}, "best_of"), ({"repetition_penalty": 0}, "repetition"),
+                        ({"min_tokens": 20}, "min_tokens"), ({"logit_bias": {"x": 1}}, "logit"),
+                        ({"stop_token_ids": [10**7]}, "stop_token_ids")):  # fmt: skip
+        answer = client.post("/generate", json={**base, **body})
+        assert answer.status_code == 422, (body, answer.text)
+        assert field in answer.json()["error"]["message"], answer.text

@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_tiny_model, write_train_data
 
+from ivonserve.answers import gsm8k_answer_to_target
 from ivonserve.errors import IvonserveError
 from ivonserve.posterior import Posterior
 from ivonserve.train import (
     TrainConfig,
     batch_indices,
     encode_example,
-    gsm8k_answer_to_target,
     load_examples,
     train,
 )
@@ -126,9 +126,9 @@ def test_cli_train_inspect_sample(model_dir, data, tmp_path):
     }  # fmt: skip
     assert "sigma (all)" in _cli("posterior", "inspect", str(out)).stdout
     files = []
-    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+    for name, draw in (("a", "3"), ("b", "3"), ("c", "4")):
         assert (
-            _cli("sample", str(out), "--seed", seed, "--out", str(tmp_path / name)).returncode == 0
+            _cli("sample", str(out), "--draw", draw, "--out", str(tmp_path / name)).returncode == 0
         )
         files.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
     assert files[0] == files[1] != files[2]

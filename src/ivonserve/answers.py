@@ -201,3 +201,17 @@ def extract_answer(text: str) -> str | None:
         if found is not None:
             return found
     return _last_number(text)
+
+
+_CALC_ANNOTATION = re.compile(r"<<[^>]*>>")
+_FINAL_LINE = re.compile(r"\n?####\s*(.+?)\s*$", re.S)
+
+
+def gsm8k_answer_to_target(answer: str) -> str:
+    """GSM8k's worked answer as the assistant's reply: no <<calc>> notes, '#### N' as a sentence."""
+    text = _CALC_ANNOTATION.sub("", answer).strip()
+    match = _FINAL_LINE.search(text)
+    if match:
+        body = text[: match.start()].rstrip()
+        text = "\n".join(filter(None, [body, f"The answer is {match.group(1).strip()}."]))
+    return text

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands")
     _add_serve(commands)
+    _add_serve_ray(commands)
     _add_train(commands)
     _add_prepare_model(commands)
     _add_posterior(commands)
@@ -74,6 +75,33 @@ def _run_serve(args: argparse.Namespace) -> int:
     from ivonserve import config, server
 
     return server.serve(config.Settings.from_cli(args))
+
+
+def _add_serve_ray(commands) -> None:
+    from ivonserve import config
+
+    sub = _command(
+        commands,
+        "serve-ray",
+        _run_serve_ray,
+        "serve replicas on a Ray cluster (Ray Serve): a local one, or RAY_ADDRESS's",
+    )
+    replicas = sub.add_argument_group("replicas")
+    replicas.add_argument("--replicas", dest="num_replicas", type=int, help="fixed count (1)")
+    replicas.add_argument("--min-replicas", type=int, help="autoscaling: at least")
+    replicas.add_argument("--max-replicas", type=int, help="autoscaling: at most")
+    replicas.add_argument("--num-cpus", type=float, help="CPUs per replica (default 1)")
+    replicas.add_argument("--num-gpus", type=float, help="GPUs per replica (default 0)")
+    replicas.add_argument("--ray-address", help="an existing cluster (default: RAY_ADDRESS)")
+    config.add_cli_arguments(sub)
+
+
+def _run_serve_ray(args: argparse.Namespace) -> int:
+    from ivonserve import config
+    from ivonserve.ray_serve import REPLICA_KEYS, serve_ray
+
+    replicas = {k: getattr(args, k) for k in REPLICA_KEYS if getattr(args, k) is not None}
+    return serve_ray(config.Settings.from_cli(args), replicas, args.ray_address)
 
 
 def _add_train(commands) -> None:
@@ -153,12 +181,32 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_sample(commands) -> None:
-    sub = _command(commands, "sample", _run_sample, "write one posterior draw as a PEFT adapter")
+    from ivonserve.sampler import PRUNE_BY, SamplerConfig
+
+    defaults = SamplerConfig()
+    sub = _command(
+        commands,
+        "sample",
+        _run_sample,
+        "write draw K of a posterior's pool as a PEFT adapter: the bytes a server with the same "
+        "--pool-seed, temperature and pruning serves as its draw K",
+    )
     sub.add_argument("dir", type=Path, help="posterior folder")
-    sub.add_argument("--seed", type=int, required=True)
-    sub.add_argument("--temperature", type=float, default=1.0, help="variance scale; 0: the mean")
-    sub.add_argument("--prune", type=float, default=0.0, help="fraction of entries to zero")
-    sub.add_argument("--prune-by", choices=["variance", "snr"], default="variance")
+    sub.add_argument("--draw", type=int, required=True, help="K: the draw's index in the pool")
+    sub.add_argument("--pool-seed", type=int, default=0, help="the pool's seed (default: 0)")
+    sub.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        help=f"variance scale; 0: the mean (default: {defaults.temperature})",
+    )
+    sub.add_argument(
+        "--prune",
+        type=float,
+        default=defaults.prune,
+        help=f"fraction of entries to zero (default: {defaults.prune})",
+    )
+    sub.add_argument("--prune-by", choices=PRUNE_BY, default=defaults.prune_by)
     sub.add_argument("--out", type=Path, required=True, help="adapter folder to write")
 
 
@@ -166,18 +214,22 @@ def _run_sample(args: argparse.Namespace) -> int:
     from ivonserve.posterior import Posterior
     from ivonserve.sampler import Sampler, SamplerConfig
 
+    if args.draw < 0:
+        raise IvonserveError(f"--draw: a pool index is >= 0, got {args.draw}")
     config = SamplerConfig(args.temperature, args.prune, args.prune_by)
     sampler = Sampler(Posterior.load(args.dir), config)
-    print(sampler.write(sampler.draw(args.seed), args.out))
+    print(sampler.write_draw(args.draw, args.pool_seed, args.out))
     return 0
 
 
 def _add_bench(commands) -> None:
-    from ivonserve.bench import gsm8k
+    from ivonserve.bench import compare, gsm8k, likelihood
 
     sub = commands.add_parser("bench", help="benchmarks against a running server")
     kinds = sub.add_subparsers(title="benchmarks")
-    gsm8k.add_cli_arguments(_command(kinds, "gsm8k", gsm8k.run_cli, gsm8k.__doc__.split("\n")[0]))
+    for name, module in (("gsm8k", gsm8k), ("likelihood", likelihood), ("compare", compare)):
+        summary = module.__doc__.split("\n")[0]
+        module.add_cli_arguments(_command(kinds, name, module.run_cli, summary))
 
 
 if __name__ == "__main__":

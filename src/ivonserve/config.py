@@ -9,6 +9,7 @@ line overrides the environment; a flag left out keeps the environment's (or the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -23,12 +24,17 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ivonserve.errors import IvonserveError
+from ivonserve.sampler import PruneBy, SamplerConfig
+
+if typing.TYPE_CHECKING:
+    from ivonserve.engine import EngineConfig
 
 DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k"
 ENV_PREFIX = "IVONSERVE_"
 _NONE_WORDS = {"none", "null", ""}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # also a folder name
 SECRET_FIELDS = frozenset({"api_keys"})
+_SAMPLER = SamplerConfig()  # the defaults of the draws: one source for settings, CLI and engine
 
 
 def repo_root() -> Path:
@@ -86,18 +92,27 @@ class Settings(BaseSettings):
     pool_size: int = Field(8, ge=1, le=256, description="K: posterior draws loaded as LoRA slots")
     pool_seed: int = Field(0, ge=0, description="seed of the pool (same seed: same draws anywhere)")
     sampling_temperature: float = Field(
-        1.0, ge=0, description="posterior temperature T: draws use variance T*sigma^2 (0: the mean)"
+        _SAMPLER.temperature,
+        ge=0,
+        description="posterior temperature T: draws use variance T*sigma^2 (0: the mean)",
     )
     prune: float = Field(
-        0.1, ge=0, lt=1, description="fraction of LoRA entries zeroed by uncertainty (0: none)"
+        _SAMPLER.prune, ge=0, lt=1, description="fraction of LoRA entries zeroed (0: none)"
     )
-    prune_by: Literal["variance", "snr"] = Field(
-        "variance", description="what pruning ranks by: highest variance, or lowest |m|/sigma"
+    prune_by: PruneBy = Field(
+        _SAMPLER.prune_by,
+        description="what pruning ranks by: highest variance, lowest |m|/sigma, or random",
     )
 
     # --- request defaults and limits ------------------------------------------------------------
     max_candidates: int = Field(
         64, ge=1, description="most candidates one request may ask for: max(1,n_models)*n_samples"
+    )
+    max_continuations: int = Field(
+        16,
+        ge=1,
+        description="most texts one scoring request may score: /score continuations, or "
+        "prompts of one /v1/completions echo batch",
     )
     default_n_models: int = Field(
         4, ge=0, description="n_models when a request leaves it out (capped at pool_size)"
@@ -165,8 +180,9 @@ class Settings(BaseSettings):
     # --- vLLM engine (passed through) --------------------------------------------------------
     dtype: str | None = Field(
         None,
-        description="model dtype (default: float32 on the CPU, for exact parity with "
-        "peft+transformers; vLLM's 'auto' on a GPU)",
+        description="model dtype (default on the CPU: bfloat16 where it has native bf16 "
+        "instructions, AVX512-BF16 or AMX, else float32; vLLM's 'auto' on a GPU); float32 gives "
+        "exact parity with peft+transformers",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="context length (default: the model's own)"
@@ -185,6 +201,17 @@ class Settings(BaseSettings):
     )
     max_num_seqs: int | None = Field(
         None, ge=1, description="most sequences vLLM batches at once (vLLM default)"
+    )
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="most tokens vLLM schedules in one step; longer prefills are chunked "
+        "(vLLM default)",
+    )
+    lora_kernel: Literal["grouped", "vllm"] = Field(
+        "grouped",
+        description="LoRA kernels on the CPU: ivonserve's grouped ops (one matrix product per "
+        "adapter present) or vLLM's own (a per-token weight copy, plus a spare slot)",
     )
     enforce_eager: bool = Field(False, description="disable graph capture / compilation")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size")
@@ -207,17 +234,15 @@ class Settings(BaseSettings):
     @classmethod
     def _known_selection(cls, value: str) -> str:
         from ivonserve import mbr
-        from ivonserve.protocol import check_registered
 
-        return check_registered("selection", value, mbr.METHODS)
+        return mbr.METHODS.check(value)
 
     @field_validator("default_utility")
     @classmethod
     def _known_utility(cls, value: str) -> str:
         from ivonserve import mbr
-        from ivonserve.protocol import check_registered
 
-        return check_registered("utility", value, mbr.UTILITIES)
+        return mbr.UTILITIES.check(value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -248,6 +273,17 @@ class Settings(BaseSettings):
                 "--posterior NAME=DIR"
             )
         return specs
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine needs: the model, the pools and vLLM's arguments (no HTTP, no keys)."""
+        from ivonserve.engine import EngineConfig
+
+        passed = {f.name for f in dataclasses.fields(EngineConfig)} & set(type(self).model_fields)
+        return EngineConfig(
+            posteriors=tuple(self.posterior_specs()),
+            sampler=SamplerConfig(self.sampling_temperature, self.prune, self.prune_by),
+            **{name: getattr(self, name) for name in passed},
+        )
 
     def api_key_list(self) -> list[str]:
         """--api-keys plus the keys in --api-key-file (blank lines and # comments skipped)."""

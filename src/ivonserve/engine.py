@@ -1,19 +1,20 @@
-"""The vLLM engine: one ``AsyncLLM`` (V1) per process, posterior draws as LoRA slots, fan-out.
+"""The vLLM engine: one ``AsyncLLM`` (V1) per process, posterior draws as LoRA slots, fan-out and
+scoring.
 
-Start-up, once (``Engine.start``): resolve the base model, load each posterior and validate it
-against the base model, draw its pool of K adapters (plus the mean) into a tmpfs folder, start
-vLLM with ``max_loras`` = every adapter + one spare slot, and register each adapter under a
-unique name AND a unique int id (vLLM keys its prefix cache on the name; reusing a name with a new
-id would reuse the old adapter's KV cache).
+Start-up, once (``Engine.start``): resolve the base model, prepare each posterior's pool (the mean
+and K draws written to tmpfs, ``pool``), start vLLM with one LoRA slot per adapter, register each
+adapter and decode two tokens from every one of them.
 
-Why one spare slot: upstream vLLM gives a request with no LoRA the last slot's adapter when it is
-batched while every slot is taken. With a free slot that never happens (tests/test_engine.py shows
-a base request batched with every adapter at once gets the base model's tokens).
+Slots: with ivonserve's grouped LoRA kernel (``vllm_plugin.lora_ops``, the default on the CPU) a
+request without an adapter is untouched by LoRA, so ``max_loras`` is every adapter. vLLM's own
+ops give such a request the last slot's adapter when every slot is taken; with them
+(``lora_kernel="vllm"``, or on a GPU) one spare slot is kept free so that never happens.
 
 ``Engine.fan_out`` sends one vLLM request per draw, ``SamplingParams(n=n_samples)`` each, with a
 distinct seed per draw derived from the request's seed (one seed for all would correlate the
-draws' samples token by token), all at once so vLLM batches them. If the caller is cancelled
-(client gone, timeout) every engine request of the fan-out is aborted.
+draws' samples token by token), all at once so vLLM batches them. ``Engine.score`` sends one
+request per (sequence, draw) asking only for prompt log-probabilities. If the caller is cancelled
+(client gone, timeout) every engine request it made is aborted.
 
 Several posteriors share the engine (``--posterior NAME=DIR`` repeated): each is a ``Pool`` of
 its own LoRA slots on the same base model, kept by name; a request's ``model`` picks one.
@@ -30,50 +31,76 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ivonserve.errors import IvonserveError
+from ivonserve.errors import EngineError, EngineNotReady, InvalidRequest
+from ivonserve.pool import Pool, PreparedPool, prepare_pool, register_pool, tmpfs_dir, vllm_rank
+from ivonserve.sampler import SamplerConfig
+from ivonserve.vllm_plugin import LORA_KERNEL_ENV
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
-    from ivonserve.config import PosteriorSpec, Settings
+    from ivonserve.config import PosteriorSpec
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineNotReady",
+    "FanOut",
+    "Generated",
+    "InvalidRequest",
+    "SamplingOptions",
+    "Scored",
+    "TokenScores",
+]
 
 logger = logging.getLogger("ivonserve.engine")
 
-# vLLM accepts only these max_lora_rank values; the posterior's rank is rounded up to one.
-_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _SEED_MASK = (1 << 62) - 1  # vLLM adds the sample index to a request's seed: stay inside int64
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
 CPU_DEFAULT_BLOCK_SIZE = 32
-CPU_DEFAULT_DTYPE = "float32"
+# CPU flags of native bf16 matrix instructions; without them bf16 is emulated and slower
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-class EngineError(IvonserveError):
-    """The engine cannot serve (not started, failed to start, or died)."""
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs of the settings (``Settings.engine_config()``): the model, the
+    posteriors and their pools, and vLLM's own arguments (None: vLLM's or the CPU default)."""
 
-
-class EngineNotReady(EngineError):
-    """The engine is still starting (or has stopped)."""
-
-
-class InvalidRequest(IvonserveError):
-    """A request the engine cannot run as asked; ``field`` names the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+    posteriors: tuple[PosteriorSpec, ...]
+    model: str | None = None
+    cache_dir: Path | None = None
+    pool_size: int = 8
+    pool_seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    lora_kernel: str = "grouped"
+    dtype: str | None = None
+    max_model_len: int | None = None
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float | None = None
+    block_size: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Decoding settings of one request (the same for every draw; only the seed differs)."""
+    """Decoding settings of one request (the same for every draw; only the seed differs).
+    ``extra``: vLLM's further sampling parameters by their ``SamplingParams`` names (top_k,
+    min_p, repetition_penalty, ...), applied to every draw as given."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -81,13 +108,14 @@ class SamplingOptions:
     seed: int | None = None  # None: a fresh random seed, reported back in FanOut.seed
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Generated:
     """One candidate: which draw made it (None: the mean adapter), which sample, what it said."""
 
-    model: int | None
+    draw: int | None
     sample: int
     text: str
     logprob: float | None
@@ -108,53 +136,41 @@ class FanOut:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TokenScores:
+    """One adapter's teacher-forced scores of one sequence from position ``start`` on.
+
+    logprobs[t]: log p(token start+t | the tokens before it); top[t]: the ``top`` likeliest
+    tokens there (id -> logprob), when asked; next_token: the greedy token after the sequence
+    with its logprob and top alternatives (vLLM decodes one token per request)."""
+
+    draw: int | None
+    logprobs: list[float]
+    top: list[dict[int, float]] | None
+    next_token: tuple[int, float, dict[int, float]]
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+
 @dataclass
-class PreparedPool:
-    """One posterior's adapters written to tmpfs (the mean and K draws), not yet registered."""
+class Scored:
+    """Per sequence, one ``TokenScores`` per adapter (draw order; [mean] for n_draws = 0)."""
 
-    name: str
-    posterior_dir: Path
-    seed: int
-    rank: int
-    target_modules: list[str]
-    mean_dir: Path
-    draw_dirs: list[Path]
-    info: dict[str, Any] = field(default_factory=dict)
+    sequences: list[list[TokenScores]]
+    prompt_tokens: int
+    seconds: float
 
 
-@dataclass
-class Pool:
-    """A prepared pool registered with vLLM: the mean and the K draws as LoRA slots."""
+class Job(NamedTuple):
+    """One vLLM request of a fan-out or a scoring."""
 
-    prepared: PreparedPool
-    mean: LoRARequest
-    draws: list[LoRARequest]
-
-    @property
-    def name(self) -> str:
-        return self.prepared.name
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return self.prepared.info
-
-    @property
-    def size(self) -> int:
-        return len(self.draws)
-
-    @property
-    def loras(self) -> list[LoRARequest]:
-        return [self.mean, *self.draws]
-
-    def adapters(self, n_models: int) -> list[tuple[int | None, LoRARequest]]:
-        """(draw index, adapter) for draws 0..n_models-1; n_models = 0: [(None, the mean)]."""
-        if not 0 <= n_models <= self.size:
-            raise InvalidRequest(
-                "n_models", f"n_models must be between 0 and the pool size {self.size}"
-            )
-        if n_models == 0:
-            return [(None, self.mean)]
-        return list(enumerate(self.draws[:n_models]))
+    draw: int | None
+    request_id: str
+    params: Any  # vllm.SamplingParams
+    lora: LoRARequest | None
+    prompt_ids: list[int]
 
 
 def request_seed_for_draw(seed: int, draw: int) -> int:
@@ -164,34 +180,29 @@ def request_seed_for_draw(seed: int, draw: int) -> int:
     return draw_seed(seed, draw) & _SEED_MASK
 
 
-def tmpfs_dir() -> Path:
-    """A fresh folder for adapter files: on /dev/shm (RAM) when the machine has it."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="ivonserve-pool-", dir=base))
-
-
-def _vllm_rank(rank: int) -> int:
-    for allowed in _VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise EngineError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank 512")
+def default_cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
 
 
 class Engine:
     """The process's vLLM engine with its pools of posterior draws.
 
-    Build it with ``await Engine.start(settings)`` (the blocking parts run in a worker thread, so
+    Build it with ``await Engine.start(config)`` (the blocking parts run in a worker thread, so
     an event loop serving /health stays responsive) and stop it with ``await engine.shutdown()``.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
         self.llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.tokenizer: Any = None
         self.model_dir: Path | None = None
         self.pools: dict[str, Pool] = {}
-        self.specs = settings.posterior_specs()
-        self.default_pool: str = self.specs[0].name
+        self.default_pool: str = config.posteriors[0].name
         self.max_model_len: int = 0
         self.engine_args: dict[str, Any] = {}
         self.startup_seconds: dict[str, float] = {}
@@ -204,9 +215,9 @@ class Engine:
 
     # --- life cycle -----------------------------------------------------------------------------
     @classmethod
-    async def start(cls, settings: Settings) -> Engine:
+    async def start(cls, config: EngineConfig) -> Engine:
         """Load the model and posterior, draw the pool, start vLLM, register every adapter."""
-        engine = cls(settings)
+        engine = cls(config)
         try:
             await engine._start()
         except BaseException:
@@ -215,27 +226,28 @@ class Engine:
         return engine
 
     async def _start(self) -> None:
+        phases = self.startup_seconds
         began = time.perf_counter()
         prepared = await asyncio.to_thread(self._prepare)
-        self.startup_seconds["pool"] = time.perf_counter() - began
+        phases["pool"] = time.perf_counter() - began
         began = time.perf_counter()
         self.llm = await asyncio.to_thread(self._build_llm, prepared)
-        self.startup_seconds["vllm"] = time.perf_counter() - began
+        phases["vllm"] = time.perf_counter() - began
         if self._closing:
             raise EngineNotReady("the engine was shut down while starting")
         began = time.perf_counter()
         for pool in prepared:
-            await self._register(pool)
-        self.startup_seconds["register"] = time.perf_counter() - began
+            self.pools[pool.name] = await register_pool(self.llm, pool, self._lora_ids)
+        phases["register"] = time.perf_counter() - began
         began = time.perf_counter()
         await self._warm_up()
-        self.startup_seconds["warm_up"] = time.perf_counter() - began
-        self.startup_seconds["total"] = sum(self.startup_seconds.values())
+        phases["warm_up"] = time.perf_counter() - began
+        phases["total"] = sum(phases.values())
         self._ready = self._started = True
         logger.info(
             "engine ready: %s (%s)",
             ", ".join(f"pool {p.name!r} of {len(p.draw_dirs)} draws + mean" for p in prepared),
-            ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items()),
+            ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
         )
 
     def _prepare(self) -> list[PreparedPool]:
@@ -244,65 +256,45 @@ class Engine:
 
         from ivonserve.model import resolve_model
 
-        self.model_dir = resolve_model(self.settings.model, self.settings.cache_dir)
+        c = self.config
+        self.model_dir = resolve_model(c.model, c.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._workdir = tmpfs_dir()
         # shutdown() deletes it; this catches an interpreter exit that skipped shutdown
         atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
-        return [self._prepare_pool(spec) for spec in self.specs]
+        return [
+            prepare_pool(spec, self.model_dir, c.sampler, c.pool_size, c.pool_seed, self._workdir)
+            for spec in c.posteriors
+        ]
 
-    def _prepare_pool(self, spec: PosteriorSpec) -> PreparedPool:
-        """Load one posterior, check it fits the base model, write its mean and K draws."""
-        from ivonserve.posterior import load_served
-        from ivonserve.sampler import Sampler, SamplerConfig
-
-        s = self.settings
-        posterior = load_served(spec.path, spec.kind, self.model_dir)
-        sampler = Sampler(posterior, SamplerConfig(s.sampling_temperature, s.prune, s.prune_by))
-        mean_dir, draw_dirs = sampler.write_pool(
-            s.pool_size, s.pool_seed, self._workdir / spec.name
-        )
-        return PreparedPool(
-            name=spec.name,
-            posterior_dir=spec.path,
-            seed=s.pool_seed,
-            rank=posterior.rank,
-            target_modules=posterior.target_modules,
-            mean_dir=mean_dir,
-            draw_dirs=draw_dirs,
-            info={
-                "kind": spec.kind,
-                "ess": posterior.ess,
-                "base_model": posterior.base_model,
-                "temperature": s.sampling_temperature,
-                "prune": s.prune,
-                "prune_by": s.prune_by,
-            },
-        )
+    def lora_kernel(self, on_cpu: bool) -> str:
+        """The LoRA kernel vLLM runs: ivonserve's grouped ops exist for the CPU backend only."""
+        return self.config.lora_kernel if on_cpu else "vllm"
 
     def build_engine_args(self, pools: Sequence[PreparedPool]) -> dict[str, Any]:
-        """vLLM engine arguments: LoRA slots sized for every pool, the rest from the settings."""
+        """vLLM engine arguments: LoRA slots sized for every pool, the rest from the config."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
-        s = self.settings
+        c = self.config
         on_cpu = current_platform.is_cpu()
         adapters = sum(len(p.draw_dirs) + 1 for p in pools)
+        # vLLM's own ops need a spare slot (a base request meets a full set of slots otherwise)
+        slots = adapters + (1 if self.lora_kernel(on_cpu) == "vllm" else 0)
         targets = sorted({m for p in pools for m in p.target_modules})
         args: dict[str, Any] = {
             "model": str(self.model_dir),
             "tokenizer": str(self.model_dir),
-            "dtype": s.dtype or (CPU_DEFAULT_DTYPE if on_cpu else "auto"),
+            "dtype": c.dtype or (default_cpu_dtype() if on_cpu else "auto"),
             "seed": 0,
             "enable_lora": True,
-            # every adapter + a spare: a base request never meets a full set of slots
-            "max_loras": adapters + 1,
-            "max_cpu_loras": adapters + 1,
-            "max_lora_rank": _vllm_rank(max(p.rank for p in pools)),
-            "tensor_parallel_size": s.tensor_parallel_size,
-            "pipeline_parallel_size": s.pipeline_parallel_size,
-            "data_parallel_size": s.data_parallel_size,
-            "enforce_eager": s.enforce_eager,
+            "max_loras": slots,
+            "max_cpu_loras": slots,
+            "max_lora_rank": vllm_rank(max(p.rank for p in pools)),
+            "tensor_parallel_size": c.tensor_parallel_size,
+            "pipeline_parallel_size": c.pipeline_parallel_size,
+            "data_parallel_size": c.data_parallel_size,
+            "enforce_eager": c.enforce_eager,
             "disable_log_stats": True,
         }
         engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -310,13 +302,14 @@ class Engine:
             # LoRA layers only where the adapters have weights (~3x faster on the CPU)
             args["lora_target_modules"] = targets
         optional = {
-            "max_model_len": s.max_model_len,
-            "gpu_memory_utilization": s.gpu_memory_utilization,
-            "distributed_executor_backend": s.distributed_executor_backend,
-            "max_num_seqs": s.max_num_seqs,
-            "block_size": s.block_size or (CPU_DEFAULT_BLOCK_SIZE if on_cpu else None),
+            "max_model_len": c.max_model_len,
+            "gpu_memory_utilization": c.gpu_memory_utilization,
+            "distributed_executor_backend": c.distributed_executor_backend,
+            "max_num_seqs": c.max_num_seqs,
+            "max_num_batched_tokens": c.max_num_batched_tokens,
+            "block_size": c.block_size or (CPU_DEFAULT_BLOCK_SIZE if on_cpu else None),
         }
-        kv_gib = s.kv_cache_gib or (CPU_DEFAULT_KV_CACHE_GIB if on_cpu else None)
+        kv_gib = c.kv_cache_gib or (CPU_DEFAULT_KV_CACHE_GIB if on_cpu else None)
         if kv_gib:
             optional["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
         args.update({k: v for k, v in optional.items() if v is not None})
@@ -324,9 +317,12 @@ class Engine:
 
     def _build_llm(self, pools: Sequence[PreparedPool]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.engine_args = self.build_engine_args(pools)
+        # vLLM's processes (spawned below) read it when they load ivonserve's plugin
+        os.environ[LORA_KERNEL_ENV] = self.lora_kernel(current_platform.is_cpu())
         logger.info("starting vLLM: %s", self.engine_args)
         try:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
@@ -337,33 +333,29 @@ class Engine:
             llm.shutdown()
         return llm
 
-    async def _register(self, prepared: PreparedPool) -> None:
-        from vllm.lora.request import LoRARequest
-
-        def lora(kind: str, path: Path) -> LoRARequest:
-            lora_id = next(self._lora_ids)
-            # name unique per adapter in this engine (the prefix cache is keyed on it)
-            name = f"{prepared.name}/{kind}/seed{prepared.seed}/id{lora_id}"
-            return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(path))
-
-        mean = lora("mean", prepared.mean_dir)
-        draws = [lora(f"draw{k}", d) for k, d in enumerate(prepared.draw_dirs)]
-        for request in (mean, *draws):
-            if not await self.llm.add_lora(request):
-                raise EngineError(f"vLLM refused adapter {request.lora_name}")
-        self.pools[prepared.name] = Pool(prepared=prepared, mean=mean, draws=draws)
-
     async def _warm_up(self) -> None:
         """Two greedy tokens from every adapter at once: loads each into its slot, so the first
         client request is not the one that pays for it (and a broken adapter fails start-up)."""
         prompt_ids = self.render("Hello")
         params = self._params(SamplingOptions(max_tokens=2, temperature=0.0), 1, 0)
         loras = [lora for pool in self.pools.values() for lora in pool.loras]
-        jobs = [
-            (None, f"ivs-warmup-{uuid.uuid4().hex[:8]}-{i}", params, lora)
-            for i, lora in enumerate(loras)
-        ]
-        await self._run_all(prompt_ids, jobs)
+        tag = uuid.uuid4().hex[:8]
+        await self._run_all(
+            [
+                Job(None, f"ivs-warmup-{tag}-{i}", params, lora, prompt_ids)
+                for i, lora in enumerate(loras)
+            ]
+        )
+
+    async def plugin_status(self) -> list[dict[str, Any]]:
+        """What ivonserve's vLLM plugin applied in each of vLLM's workers (empty dicts: not
+        loaded there), asked of the workers themselves."""
+        if self.llm is None:
+            raise EngineNotReady("the engine is not running")
+        try:
+            return list(await self.llm.collective_rpc("ivonserve_plugin_status"))
+        except Exception:  # a worker without the plugin has no such method
+            return [{}]
 
     @property
     def ready(self) -> bool:
@@ -418,11 +410,152 @@ class Engine:
             )
         else:  # a base model without a chat template: the contents, one per line
             text = "\n".join(m["content"] for m in messages)
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text used as is (no chat template, no special tokens added)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def num_unfinished_requests(self) -> int:
         """Requests (sample-level, n>1 counts n) vLLM's output processor still tracks."""
         return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
+
+    def check_length(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        """The prompt is not empty and prompt + max_tokens fits the context."""
+        if not prompt_ids:
+            raise InvalidRequest("prompt", "the prompt is empty")
+        total = len(prompt_ids) + max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = "
+                f"{total} exceeds the context length {self.max_model_len}",
+            )
+
+    async def fan_out(
+        self,
+        prompt: str | Sequence[int],
+        n_draws: int,
+        n_samples: int,
+        sampling: SamplingOptions = SamplingOptions(),
+        pool: str | None = None,
+        on_draw: Callable[[list[Generated]], None] | None = None,
+    ) -> FanOut:
+        """n_draws draws x n_samples samples (n_draws = 0: the mean adapter, n_samples samples).
+
+        ``prompt``: token ids, or a text used as is (no chat template; see ``render``).
+        Draw k's request has ``seed = request_seed_for_draw(seed, k)``; vLLM gives its samples
+        seed+0..n-1. Cancelling the caller aborts every engine request of this fan-out.
+        ``on_draw`` receives each draw's candidates as soon as that draw has finished.
+        """
+        target = self.pool(pool)
+        if n_samples < 1:
+            raise InvalidRequest("n_samples", "n_samples must be >= 1")
+        adapters = target.adapters(n_draws)
+        prompt_ids = self._tokens(prompt)
+        self.check_length(prompt_ids, sampling.max_tokens)
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
+        fan_id = f"ivs-{uuid.uuid4().hex[:16]}"
+        # Greedy decoding gives every sample the same text, and vLLM refuses n > 1 with it:
+        # decode once per draw and repeat the candidate (usage counts the tokens decoded).
+        greedy = sampling.temperature == 0
+        n_engine = 1 if greedy else n_samples
+        jobs = [
+            Job(
+                draw,
+                f"{fan_id}-{'mean' if draw is None else f'd{draw}'}",
+                self._params(sampling, n_engine, request_seed_for_draw(seed, position)),
+                lora,
+                prompt_ids,
+            )
+            for position, (draw, lora) in enumerate(adapters)
+        ]
+
+        def draw_candidates(position: int, out: Any) -> list[Generated]:
+            completions = sorted(out.outputs, key=lambda c: c.index)
+            if greedy:
+                completions = completions * n_samples
+            draw = jobs[position].draw
+            return [_generated(draw, sample, c) for sample, c in enumerate(completions)]
+
+        finished = None if on_draw is None else lambda i, out: on_draw(draw_candidates(i, out))
+        began = time.perf_counter()
+        outputs = await self._run_all(jobs, finished)
+        candidates = [c for i, out in enumerate(outputs) for c in draw_candidates(i, out)]
+        decoded = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        return FanOut(
+            candidates=candidates,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=decoded,
+            request_ids=[j.request_id for j in jobs],
+            seed=seed,
+            seconds=time.perf_counter() - began,
+        )
+
+    async def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        n_draws: int,
+        pool: str | None = None,
+        top: int = 0,
+    ) -> Scored:
+        """Teacher-forced log-probabilities of ``sequences[i][starts[i]:]`` under the mean
+        (n_draws = 0) or each of draws 0..n_draws-1, every (sequence, draw) in one vLLM batch.
+
+        Only prompt log-probabilities are asked for; vLLM decodes one greedy token per request
+        (its minimum), which ``TokenScores.next_token`` reports."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        target = self.pool(pool)
+        adapters = target.adapters(n_draws)
+        sequences = [list(s) for s in sequences]
+        for sequence, start in zip(sequences, starts, strict=True):
+            self.check_length(sequence, 1)
+            if not 1 <= start <= len(sequence):
+                raise InvalidRequest("continuations", "nothing to score after the prompt")
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=top,
+            logprobs=top,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        score_id = f"ivs-score-{uuid.uuid4().hex[:16]}"
+        jobs = [
+            Job(draw, f"{score_id}-s{i}-{'mean' if draw is None else f'd{draw}'}", params, lora, s)
+            for i, s in enumerate(sequences)
+            for draw, lora in adapters
+        ]
+        began = time.perf_counter()
+        outputs = iter(await self._run_all(jobs))
+        per_sequence = [
+            [_token_scores(draw, sequence, start, top, next(outputs)) for draw, _ in adapters]
+            for sequence, start in zip(sequences, starts, strict=True)
+        ]
+        return Scored(
+            sequences=per_sequence,
+            prompt_tokens=sum(len(s) for s in sequences),
+            seconds=time.perf_counter() - began,
+        )
+
+    async def generate_base(
+        self, prompt: str | Sequence[int], sampling: SamplingOptions = SamplingOptions(), n: int = 1
+    ) -> list[Generated]:
+        """The base model without any adapter (diagnostics and the base-in-batch test)."""
+        if not self.ready:
+            raise EngineNotReady("the engine is not ready")
+        prompt_ids = self._tokens(prompt)
+        self.check_length(prompt_ids, sampling.max_tokens)
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
+        request_id = f"ivs-{uuid.uuid4().hex[:16]}-base"
+        params = self._params(sampling, n, seed & _SEED_MASK)
+        (out,) = await self._run_all([Job(None, request_id, params, None, prompt_ids)])
+        return [_generated(None, c.index, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+
+    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
 
     def _params(self, sampling: SamplingOptions, n: int, seed: int) -> Any:
         from vllm.exceptions import VLLMClientError
@@ -439,105 +572,14 @@ class Engine:
                 stop=list(sampling.stop) or None,
                 logprobs=0,  # only the sampled token: gives the cumulative logprob
                 output_kind=RequestOutputKind.FINAL_ONLY,  # all n samples together, once
+                **sampling.extra,
             )
         except VLLMClientError as err:  # a value vLLM refuses: the client's to fix
-            field = getattr(err, "parameter", None) or "sampling"
-            raise InvalidRequest(field, f"vLLM rejected the request: {err}") from err
-
-    def check_length(self, prompt_ids: Sequence[int], sampling: SamplingOptions) -> None:
-        """The prompt is not empty and prompt + max_tokens fits the context."""
-        if not prompt_ids:
-            raise InvalidRequest("prompt", "the prompt is empty")
-        total = len(prompt_ids) + sampling.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequest(
-                "max_tokens",
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = "
-                f"{total} exceeds the context length {self.max_model_len}",
-            )
-
-    async def fan_out(
-        self,
-        prompt: str | Sequence[int],
-        n_models: int,
-        n_samples: int,
-        sampling: SamplingOptions = SamplingOptions(),
-        pool: str | None = None,
-        on_draw: Callable[[list[Generated]], None] | None = None,
-    ) -> FanOut:
-        """n_models draws x n_samples samples (n_models = 0: the mean adapter, n_samples samples).
-
-        ``prompt``: token ids, or a text used as is (no chat template; see ``render``).
-        Draw k's request has ``seed = request_seed_for_draw(seed, k)``; vLLM gives its samples
-        seed+0..n-1. Cancelling the caller aborts every engine request of this fan-out.
-        ``on_draw`` receives each draw's candidates as soon as that draw has finished.
-        """
-        target = self.pool(pool)
-        if n_samples < 1:
-            raise InvalidRequest("n_samples", "n_samples must be >= 1")
-        adapters = target.adapters(n_models)
-        prompt_ids = self._tokens(prompt)
-        self.check_length(prompt_ids, sampling)
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
-        fan_id = f"ivs-{uuid.uuid4().hex[:16]}"
-        # Greedy decoding gives every sample the same text, and vLLM refuses n > 1 with it:
-        # decode once per draw and repeat the candidate (usage counts the tokens decoded).
-        greedy = sampling.temperature == 0
-        n_engine = 1 if greedy else n_samples
-        jobs = []
-        for position, (draw, lora) in enumerate(adapters):
-            request_id = f"{fan_id}-{'mean' if draw is None else f'd{draw}'}"
-            params = self._params(sampling, n_engine, request_seed_for_draw(seed, position))
-            jobs.append((draw, request_id, params, lora))
-
-        def draw_candidates(position: int, out: Any) -> list[Generated]:
-            completions = sorted(out.outputs, key=lambda c: c.index)
-            if greedy:
-                completions = completions * n_samples
-            draw = jobs[position][0]
-            return [_generated(draw, sample, c) for sample, c in enumerate(completions)]
-
-        finished = None if on_draw is None else lambda i, out: on_draw(draw_candidates(i, out))
-        began = time.perf_counter()
-        outputs = await self._run_all(prompt_ids, jobs, finished)
-        candidates = [c for i, out in enumerate(outputs) for c in draw_candidates(i, out)]
-        decoded = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-        return FanOut(
-            candidates=candidates,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=decoded,
-            request_ids=[j[1] for j in jobs],
-            seed=seed,
-            seconds=time.perf_counter() - began,
-        )
-
-    async def generate_base(
-        self, prompt: str | Sequence[int], sampling: SamplingOptions = SamplingOptions(), n: int = 1
-    ) -> list[Generated]:
-        """The base model without any adapter (diagnostics and the base-in-batch test)."""
-        if not self.ready:
-            raise EngineNotReady("the engine is not ready")
-        prompt_ids = self._tokens(prompt)
-        self.check_length(prompt_ids, sampling)
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
-        request_id = f"ivs-{uuid.uuid4().hex[:16]}-base"
-        (out,) = await self._run_all(
-            prompt_ids, [(None, request_id, self._params(sampling, n, seed & _SEED_MASK), None)]
-        )
-        return [_generated(None, c.index, c) for c in sorted(out.outputs, key=lambda c: c.index)]
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a text used as is (no chat template, no special tokens added)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            field_name = getattr(err, "parameter", None) or "sampling"
+            raise InvalidRequest(field_name, f"vLLM rejected the request: {err}") from err
 
     async def _run_all(
-        self,
-        prompt_ids: list[int],
-        jobs: list[tuple],
-        finished: Callable[[int, Any], None] | None = None,
+        self, jobs: list[Job], finished: Callable[[int, Any], None] | None = None
     ) -> list[Any]:
         """Submit every job at once and wait for all final outputs; abort them all on failure.
         ``finished(position, output)`` is called as each job completes."""
@@ -545,20 +587,20 @@ class Engine:
 
         llm = self.llm
 
-        async def one(position: int, request_id: str, params: Any, lora: Any) -> Any:
+        async def one(position: int, job: Job) -> Any:
             final = None
             async for output in llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
+                TokensPrompt(prompt_token_ids=job.prompt_ids),
+                job.params,
+                job.request_id,
+                lora_request=job.lora,
             ):
                 final = output
             if finished is not None:
                 finished(position, final)
             return final
 
-        tasks = [
-            asyncio.ensure_future(one(i, rid, params, lora))
-            for i, (_, rid, params, lora) in enumerate(jobs)
-        ]
+        tasks = [asyncio.ensure_future(one(i, job)) for i, job in enumerate(jobs)]
         try:
             return await asyncio.gather(*tasks)
         except BaseException as err:
@@ -568,13 +610,13 @@ class Engine:
             # generate() aborts its own request when cancelled; abort by id as well, in case a
             # task was cancelled before its request reached the engine's bookkeeping.
             with contextlib.suppress(Exception):
-                await asyncio.shield(llm.abort([j[1] for j in jobs]))
+                await asyncio.shield(llm.abort([j.request_id for j in jobs]))
             from vllm.exceptions import VLLMClientError
             from vllm.v1.engine.exceptions import EngineDeadError
 
             if isinstance(err, VLLMClientError):
-                field = getattr(err, "parameter", None) or "prompt"
-                raise InvalidRequest(field, f"vLLM rejected the request: {err}") from err
+                field_name = getattr(err, "parameter", None) or "prompt"
+                raise InvalidRequest(field_name, f"vLLM rejected the request: {err}") from err
             if isinstance(err, EngineDeadError):
                 self._ready = False
                 raise EngineError("the vLLM engine died; restart the server") from err
@@ -583,11 +625,31 @@ class Engine:
 
 def _generated(draw: int | None, sample: int, c: Any) -> Generated:
     return Generated(
-        model=draw,
+        draw=draw,
         sample=sample,
         text=c.text,
         logprob=c.cumulative_logprob,
         tokens=len(c.token_ids),
         token_ids=tuple(c.token_ids),
         finish_reason=c.finish_reason,
+    )
+
+
+def _top(entry: Mapping[int, Any], top: int) -> dict[int, float]:
+    """The ``top`` likeliest tokens of one position (vLLM adds the actual token beyond them)."""
+    return {t: lp.logprob for t, lp in entry.items() if lp.rank is not None and lp.rank <= top}
+
+
+def _token_scores(
+    draw: int | None, sequence: list[int], start: int, top: int, out: Any
+) -> TokenScores:
+    entries = out.prompt_logprobs[start:]
+    completion = out.outputs[0]
+    token = completion.token_ids[0]
+    step = completion.logprobs[0]
+    return TokenScores(
+        draw=draw,
+        logprobs=[entry[t].logprob for entry, t in zip(entries, sequence[start:], strict=True)],
+        top=[_top(entry, top) for entry in entries] if top else None,
+        next_token=(token, step[token].logprob, _top(step, top)),
     )

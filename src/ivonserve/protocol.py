@@ -15,6 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ivonserve import mbr
 
 MAX_SEED = (1 << 63) - 1
+VLLM_SAMPLING_EXTENSIONS = (
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+)
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
 class _Request(BaseModel):
@@ -23,14 +36,6 @@ class _Request(BaseModel):
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def check_registered(kind: str, value: str | None, registry: Any) -> str | None:
-    """``value`` if it names an entry of ``registry`` (or is None), else a ValueError listing
-    the valid names: one message for requests and settings alike."""
-    if value is not None and value not in registry:
-        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(sorted(registry))}")
-    return value
 
 
 class TextPart(_Request):
@@ -90,15 +95,61 @@ class FanOutOptions(_Request):
             raise ValueError("stop strings must not be empty")
         return value
 
+    # vLLM's sampling extensions (its OpenAI server takes them too), applied to every draw
+    top_k: int | None = Field(None, ge=-1, description="sample among the k likeliest (0, -1: all)")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="drop tokens below min_p x the likeliest's probability"
+    )
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI's, -2..2")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI's, -2..2")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=10, description="vLLM's multiplicative penalty (1: none)"
+    )
+    min_tokens: int | None = Field(None, ge=0, description="tokens before EOS or a stop may end")
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=64, description="token ids that end a sample"
+    )
+    include_stop_str_in_output: bool | None = Field(None, description="keep the stop string")
+    skip_special_tokens: bool | None = Field(None, description="drop special tokens from text")
+    spaces_between_special_tokens: bool | None = Field(None)
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=300, description="OpenAI's: token id (as text) -> bias in -100..100"
+    )
+
     @field_validator("selection")
     @classmethod
     def _known_selection(cls, value: str | None) -> str | None:
-        return check_registered("selection", value, mbr.METHODS)
+        return value if value is None else mbr.METHODS.check(value)
 
     @field_validator("utility")
     @classmethod
     def _known_utility(cls, value: str | None) -> str | None:
-        return check_registered("utility", value, mbr.UTILITIES)
+        return value if value is None else mbr.UTILITIES.check(value)
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(t < 0 for t in value):
+            raise ValueError("token ids are >= 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in -100..100, got {bias}")
+        return value
+
+    def sampling_extensions(self) -> dict[str, Any]:
+        """The vLLM sampling fields this request sets, by their ``SamplingParams`` names."""
+        names = (*VLLM_SAMPLING_EXTENSIONS, "logit_bias")
+        extra = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if "logit_bias" in extra:
+            extra["logit_bias"] = {int(k): v for k, v in extra["logit_bias"].items()}
+        return extra
 
 
 class GenerateRequest(FanOutOptions):
@@ -167,17 +218,53 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 
 class CompletionRequest(_OpenAIRequest):
-    """POST /v1/completions: the prompt is used as is (no chat template)."""
+    """POST /v1/completions: the prompt is used as is (no chat template).
 
-    prompt: str | list[str] = Field(description="the text to continue (a list of exactly one)")
+    With ``echo`` and ``max_tokens`` 0 or 1 it scores instead of generating (OpenAI's legacy
+    scoring, as lm-evaluation-harness uses it): each prompt's tokens come back with their
+    log-probabilities, under the mean adapter, or under the token-level posterior predictive of
+    draws 0..n_models-1 when the request names ``n_models``. Scoring takes a batch of prompts."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="the text to continue: a string or token ids; a list of several for scoring"
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="tokens to generate per sample; 0 (scoring only): none"
+    )
+    echo: bool = Field(False, description="score the prompt: its tokens with logprobs")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="with echo: the likeliest alternatives per token to return",
+    )
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt_text(cls, value: str | list[str]) -> str:
-        texts = [value] if isinstance(value, str) else value
-        if len(texts) != 1 or not texts[0]:
-            raise ValueError("give one non-empty prompt (batches are not supported)")
-        return texts[0]
+    def _prompts_not_empty(cls, value: Any) -> Any:
+        prompts = cls._as_list(value)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("give one or more non-empty prompts")
+        if any(isinstance(p, list) and any(t < 0 for t in p) for p in prompts):
+            raise ValueError("token ids are >= 0")
+        return value
+
+    @staticmethod
+    def _as_list(value: Any) -> list[str | list[int]]:
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(t, int) for t in value):
+            return [list(value)]
+        return list(value)
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        return self._as_list(self.prompt)
+
+    @property
+    def scoring(self) -> bool:
+        return self.echo and self.max_tokens is not None and self.max_tokens <= 1
 
 
 class CandidateOut(_Response):
@@ -206,6 +293,77 @@ class Timing(_Response):
     generate_s: float
     select_s: float
     total_s: float
+
+
+class ScoreRequest(_Request):
+    """POST /score: the log-likelihood of each continuation given the prompt, under the posterior
+    predictive of draws 0..n_models-1 (n_models = 0: the mean adapter)."""
+
+    prompt: str | None = Field(
+        None, min_length=1, description="user message; the model's chat template is applied"
+    )
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="OpenAI-style chat messages (instead of prompt)"
+    )
+    continuations: list[str] = Field(
+        min_length=1, description="texts to score as the assistant's reply (max_continuations)"
+    )
+    model: str | None = Field(
+        None, description="posterior or adapter name (see /v1/models); default: the first"
+    )
+    n_models: int | None = Field(
+        None, ge=0, description="posterior draws to average, 0..pool size (0: the mean adapter)"
+    )
+    return_tokens: bool = Field(False, description="per-token ids and log-probabilities too")
+
+    @field_validator("continuations")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if any(not c for c in value):
+            raise ValueError("continuations must not be empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> ScoreRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class ContinuationScore(_Response):
+    """One continuation's log-likelihood (natural log) under the posterior predictive."""
+
+    index: int
+    tokens: int
+    logprob: float = Field(
+        description="log((1/K) sum_k p_k(continuation | prompt)); n_models=0: the mean's"
+    )
+    draws: list[float] = Field(description="log p_k(continuation | prompt) of each draw k")
+    disagreement: float = Field(
+        description="logprob - mean(draws), >= 0 nats: 0 when every draw agrees (epistemic)"
+    )
+    token_ids: list[int] | None = None
+    token_logprobs: list[float] | None = Field(
+        None, description="per token, log of the draws' mean probability (token predictive)"
+    )
+
+
+class ScoreTiming(_Response):
+    queue_s: float = Field(description="waiting for an engine slot (max_in_flight)")
+    score_s: float
+    total_s: float
+
+
+class ScoreResponse(_Response):
+    id: str
+    object: Literal["ivonserve.score"] = "ivonserve.score"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str = Field(description="the posterior that scored")
+    n_models: int
+    prompt_tokens: int = Field(description="tokens of the prompt (chat template applied)")
+    scores: list[ContinuationScore]
+    usage: Usage
+    timing: ScoreTiming
 
 
 class Consensus(_Response):
@@ -284,11 +442,21 @@ class ChatCompletionChunk(_Response):
     ivonserve: Consensus | None = None
 
 
+class CompletionLogprobs(_Response):
+    """OpenAI's legacy logprobs: per token its text, log-probability (None for the first
+    prompt token, which nothing predicts), likeliest alternatives, and character offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Response):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(_Response):

@@ -9,23 +9,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
-import torch
 
 from ivonserve.errors import IvonserveError
-from ivonserve.posterior import Posterior, write_adapter
 
-PruneBy = Literal["variance", "snr"]
+if TYPE_CHECKING:  # torch is imported where draws are made: the settings need only the defaults
+    import torch
+
+    from ivonserve.posterior import Posterior
+
+PruneBy = Literal["variance", "snr", "random"]
+PRUNE_BY: tuple[str, ...] = get_args(PruneBy)
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How draws are made. temperature scales the variance (T=0: the mean model)."""
+    """How draws are made, and the one source of their defaults (the server's settings and
+    ``ivonserve sample`` read them from here). temperature scales the variance (T=0: the mean
+    model); prune is the fraction of LoRA entries zeroed in the mean and every draw, ranked by
+    ``prune_by``: highest variance (uncertainty-guided pruning), lowest |m|/sigma, or at random
+    (the control: the same fraction, chosen without looking at the posterior)."""
 
     temperature: float = 1.0
-    prune: float = 0.0
+    prune: float = 0.1
     prune_by: PruneBy = "variance"
 
     def __post_init__(self) -> None:
@@ -33,8 +41,13 @@ class SamplerConfig:
             raise IvonserveError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.prune < 1:
             raise IvonserveError(f"prune must be in [0, 1), got {self.prune}")
-        if self.prune_by not in ("variance", "snr"):
-            raise IvonserveError(f"prune_by must be 'variance' or 'snr', got {self.prune_by!r}")
+        if self.prune_by not in PRUNE_BY:
+            raise IvonserveError(
+                f"prune_by must be one of {', '.join(PRUNE_BY)}, got {self.prune_by!r}"
+            )
+
+
+RANDOM_PRUNE_SEED = 0  # the random control's mask: the same on every machine and every start
 
 
 def draw_seed(pool_seed: int, index: int) -> int:
@@ -46,14 +59,19 @@ def prune_mask(posterior: Posterior, config: SamplerConfig) -> dict[str, torch.T
     """Keep-mask that zeroes the fraction `prune` of entries, ranked over all tensors together.
 
     By variance: the most uncertain entries go. By snr: those with the lowest |m| / sigma go.
-    Returns None when nothing is pruned.
+    At random: a seeded uniform choice of exactly the same number. None when nothing is pruned.
     """
+    import torch
+
     if config.prune == 0 or math.isinf(posterior.ess):
         return None  # a zero-variance posterior (a plain adapter) has no uncertainty to rank by
     keys = posterior.keys
     variance = posterior.variance()
     if config.prune_by == "variance":
         score = {k: variance[k] for k in keys}  # high = drop
+    elif config.prune_by == "random":
+        generator = torch.Generator().manual_seed(RANDOM_PRUNE_SEED)
+        score = {k: torch.rand(variance[k].shape, generator=generator) for k in keys}
     else:
         score = {k: -(posterior.mean[k].double().abs() / variance[k].sqrt()) for k in keys}
     flat = torch.cat([score[k].flatten() for k in keys])
@@ -83,6 +101,8 @@ class Sampler:
 
     def draw(self, seed: int) -> dict[str, torch.Tensor]:
         """One adapter's weights: mask * (m + sqrt(T) sigma * eps), eps ~ N(0, I) from `seed`."""
+        import torch
+
         generator = torch.Generator().manual_seed(seed)
         weights = {}
         for key in self.posterior.keys:
@@ -97,14 +117,20 @@ class Sampler:
 
     def write(self, weights: dict[str, torch.Tensor], out: str | Path) -> Path:
         """Weights as a PEFT adapter folder with the posterior's own adapter_config."""
+        from ivonserve.posterior import write_adapter
+
         return write_adapter(Path(out), weights, self.posterior.adapter_config)
 
     def write_pool(self, size: int, seed: int, out: str | Path) -> tuple[Path, list[Path]]:
         """The mean and `size` draws as folders under `out` (tmpfs in the server)."""
         out = Path(out)
         mean_dir = self.write(self.mean(), out / "mean")
-        draws = [self.write(self.draw(draw_seed(seed, k)), out / f"draw-{k}") for k in range(size)]
+        draws = [self.write_draw(k, seed, out / f"draw-{k}") for k in range(size)]
         return mean_dir, draws
+
+    def write_draw(self, index: int, pool_seed: int, out: str | Path) -> Path:
+        """Draw ``index`` of the pool seeded ``pool_seed``: the very bytes the server serves."""
+        return self.write(self.draw(draw_seed(pool_seed, index)), out)
 
     def _masked(self, key: str, value: torch.Tensor) -> torch.Tensor:
         return value * self.mask[key] if self.mask is not None else value

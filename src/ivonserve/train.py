@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +17,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ivonserve.answers import gsm8k_answer_to_target
 from ivonserve.errors import IvonserveError
 from ivonserve.posterior import Posterior, write_adapter
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.jsonl"
-CALC_ANNOTATION = re.compile(r"<<[^>]*>>")
-FINAL_LINE = re.compile(r"\n?####\s*(.+?)\s*$", re.S)
 DEFAULT_LR = {"ivon": 0.03, "adamw": 2e-4}
 
 
@@ -53,6 +51,7 @@ class TrainConfig:
     max_length: int = 320
     seed: int = 0
     limit: int | None = None
+    holdout: int = 0  # the last N rows of the data: a validation slice kept out of training
     checkpoint_every: int = 25
     threads: int | None = None
 
@@ -61,18 +60,10 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
-def gsm8k_answer_to_target(answer: str) -> str:
-    """GSM8k's worked answer as the assistant's reply: no <<calc>> notes, '#### N' as a sentence."""
-    text = CALC_ANNOTATION.sub("", answer).strip()
-    match = FINAL_LINE.search(text)
-    if match:
-        body = text[: match.start()].rstrip()
-        text = "\n".join(filter(None, [body, f"The answer is {match.group(1).strip()}."]))
-    return text
-
-
-def load_examples(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
-    """(question, target) pairs from a jsonl with `question` and `answer` fields."""
+def load_examples(path: Path, limit: int | None = None, holdout: int = 0) -> list[tuple[str, str]]:
+    """(question, target) pairs from a jsonl with `question` and `answer` fields. The last
+    ``holdout`` rows are left out: they are the validation slice that hyperparameters are chosen
+    on (``ivonserve bench likelihood --holdout N`` reads exactly those)."""
     if not path.is_file():
         raise IvonserveError(f"{path}: training data file not found")
     examples = []
@@ -88,8 +79,11 @@ def load_examples(path: Path, limit: int | None = None) -> list[tuple[str, str]]
                     f"{path}:{number}: expected a JSON object with 'question' and 'answer'"
                 ) from None
             examples.append((str(question), gsm8k_answer_to_target(str(answer))))
-            if limit is not None and len(examples) >= limit:
-                break
+    if holdout:
+        if holdout >= len(examples):
+            raise IvonserveError(f"{path}: --holdout {holdout} leaves no training example")
+        examples = examples[:-holdout]
+    examples = examples[:limit]
     if not examples:
         raise IvonserveError(f"{path}: no examples")
     return examples
@@ -204,7 +198,7 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(Path(config.data), config.limit)
+    examples = load_examples(Path(config.data), config.limit, config.holdout)
     model, tokenizer = build_model(config, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, params)

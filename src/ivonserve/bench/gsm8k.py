@@ -19,10 +19,17 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ivonserve.answers import extract_answer, normalize_answer
+from ivonserve.answers import normalize_answer
+from ivonserve.bench.common import (
+    RECORDS,
+    Question,
+    check_server,
+    load_questions,
+    load_records,
+    served_models,
+)
 from ivonserve.errors import IvonserveError
 
-RECORDS = "records.jsonl"
 DEFAULT_GRID = "0x1,1x8,4x8,8x8"
 
 
@@ -50,43 +57,11 @@ class GridPoint:
         return cls(models, samples)
 
 
-@dataclass(frozen=True)
-class Question:
-    index: int
-    question: str
-    gold: str
-
-
-def load_questions(path: Path, limit: int | None) -> list[Question]:
-    """GSM8k rows (`question`, `answer` ending in `#### N`), the gold answer normalised."""
-    if not path.is_file():
-        raise IvonserveError(f"{path}: data file not found")
-    questions = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            gold = extract_answer(row["answer"].rsplit("####", 1)[-1])
-            question = str(row["question"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise IvonserveError(
-                f"{path}:{number}: expected a JSON object with 'question' and 'answer'"
-            ) from None
-        if gold is None:
-            raise IvonserveError(f"{path}:{number}: the answer has no '#### N' number")
-        questions.append(Question(len(questions), question, gold))
-        if limit is not None and len(questions) >= limit:
-            break
-    if not questions:
-        raise IvonserveError(f"{path}: no questions")
-    return questions
-
-
 def request_body(point: GridPoint, question: Question, args: argparse.Namespace) -> dict:
     greedy = point.n_models == 0 and point.n_samples == 1
     return {
         "prompt": question.question,
+        "model": args.model,
         "n_models": point.n_models,
         "n_samples": point.n_samples,
         "max_tokens": args.max_tokens,
@@ -98,16 +73,8 @@ def request_body(point: GridPoint, question: Question, args: argparse.Namespace)
 
 
 def load_done(path: Path) -> dict[tuple[str, int], dict]:
-    """Finished records by (grid label, question index); a torn last line is ignored."""
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[(row["grid"], row["index"])] = row
-    return done
+    """Finished records by (grid label, question index)."""
+    return load_records(path, lambda row: (row["grid"], row["index"]))
 
 
 async def run_point(
@@ -136,6 +103,7 @@ async def run_point(
         predicted = body.get("answer")
         row = {
             "grid": point.label,
+            "model": body.get("model"),
             "index": question.index,
             "gold": question.gold,
             "answer": predicted,
@@ -207,11 +175,18 @@ def summarise(point: GridPoint, rows: list[dict], wall_s: float | None) -> dict:
     return summary
 
 
+def dataset_name(path: Path) -> str:
+    """What the report calls the data: its folder's name (gsm8k, svamp), else the file's."""
+    folder = path.resolve().parent.name
+    return folder if folder and folder not in (".", "data") else path.stem
+
+
 def write_report(out: Path, results: dict) -> None:
     lines = [
-        "# GSM8k with ivonserve",
+        f"# {results['dataset']} with ivonserve: {results['label']}",
         "",
-        f"Server {results['url']}, data {results['data']}, {results['questions']} questions, "
+        f"Server {results['url']}, model `{results['model']}`, data {results['data']}, "
+        f"{results['questions']} questions, "
         f"selection `{results['selection']}`, utility `{results['utility']}`, "
         f"max_tokens {results['max_tokens']}, temperature {results['temperature']}.",
         "",
@@ -287,7 +262,14 @@ async def run(args: argparse.Namespace) -> dict:
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     summaries = []
     async with httpx.AsyncClient(base_url=args.url, timeout=timeout) as client:
-        await _check_server(client, args.url)
+        await check_server(client, args.url)
+        served = await served_models(client)
+        if args.model is None:
+            args.model = next(name for name, card in served.items() if card["default"])
+        elif args.model not in served:
+            raise IvonserveError(
+                f"--model {args.model!r}: not served by {args.url} (it serves {', '.join(served)})"
+            )
         with (out / RECORDS).open("a") as sink:
             for point in grid:
                 todo = [q for q in questions if (point.label, q.index) not in done]
@@ -298,6 +280,10 @@ async def run(args: argparse.Namespace) -> dict:
                 summaries.append(summarise(point, rows, wall if full_run else None))
     results = {
         "url": args.url,
+        "model": args.model,
+        "label": args.label or args.model,
+        "server": served[args.model],
+        "dataset": args.dataset or dataset_name(Path(args.data)),
         "data": str(args.data),
         "questions": len(questions),
         "selection": args.selection,
@@ -312,18 +298,12 @@ async def run(args: argparse.Namespace) -> dict:
     return results
 
 
-async def _check_server(client: httpx.AsyncClient, url: str) -> None:
-    try:
-        response = await client.get("/ready")
-    except httpx.HTTPError as err:
-        raise IvonserveError(f"{url}: cannot reach the server ({type(err).__name__})") from None
-    if response.status_code != 200:
-        raise IvonserveError(f"{url}/ready answered {response.status_code}: not ready")
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure")
-    parser.add_argument("--data", required=True, help="GSM8k jsonl (e.g. test.jsonl)")
+    parser.add_argument("--data", required=True, help="GSM8k-format jsonl (e.g. test.jsonl)")
+    parser.add_argument("--model", help="a served posterior or adapter (default: the server's)")
+    parser.add_argument("--label", help="names this run in `bench compare` (default: --model)")
+    parser.add_argument("--dataset", help="its name in reports (default: the data's folder)")
     parser.add_argument("--limit", type=int, help="first N questions only")
     parser.add_argument("--grid", default=DEFAULT_GRID, help="n_models x n_samples points")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")

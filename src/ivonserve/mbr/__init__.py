@@ -4,7 +4,7 @@ Pure: numpy and the standard library only (plus ``ivonserve.answers``). Usable w
 
     from ivonserve.mbr import Candidate, select, UTILITIES, METHODS
 
-    cands = [Candidate(model=0, text="... The answer is 18."), Candidate(1, "... #### 18")]
+    cands = [Candidate(draw=0, text="... The answer is 18."), Candidate(1, "... #### 18")]
     result = select(cands, method="model", utility="answer")
     result.index, result.text, result.answer, result.confidence, result.scores
 
@@ -26,6 +26,7 @@ from .methods import (
     register_method,
     select,
 )
+from .registry import Registry
 from .types import Candidate, Selection
 from .utilities import (
     UTILITIES,
@@ -52,6 +53,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "Model",
+    "Registry",
     "RougeL",
     "RougeLConfig",
     "Selection",

@@ -88,7 +88,6 @@ class ChrF(Utility):
 
     name = "chrf"
     symmetric = False
-    Config = ChrFConfig
 
     def __init__(self, config: ChrFConfig | None = None):
         self.config = config or ChrFConfig()
@@ -199,7 +198,6 @@ class BLEU(Utility):
 
     name = "bleu"
     symmetric = False
-    Config = BLEUConfig
 
     def __init__(self, config: BLEUConfig | None = None):
         self.config = config or BLEUConfig()
@@ -292,7 +290,6 @@ class RougeL(Utility):
 
     name = "rouge_l"
     symmetric = True
-    Config = RougeLConfig
 
     def __init__(self, config: RougeLConfig | None = None):
         self.config = config or RougeLConfig()

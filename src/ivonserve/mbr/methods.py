@@ -1,7 +1,8 @@
 """Selection methods (decoders, in mbrs's terms), their registry, and ``select``.
 
-Notation: candidates y_1..y_N, draw m(i) of candidate i, H_m = the candidates of draw m,
-M = number of distinct draws, u = the utility matrix u[i, j] = u(y_i, y_j) in [0, 1].
+Notation: candidates y_1..y_N, draw m(i) of candidate i (``Candidate.draw``), H_m = the
+candidates of draw m, M = number of distinct draws, u = the utility matrix
+u[i, j] = u(y_i, y_j) in [0, 1].
 Reference weights w: uniform, or for the ``*_weighted`` methods the length-normalised sequence
 probability q_j = exp(logprob_j / tokens_j), normalised to sum 1 over the pool (flat, majority)
 or over each draw (model). Every candidate, itself included, is a reference (u[i, i] counts).
@@ -27,12 +28,13 @@ the lowest index.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from .registry import Registry
 from .types import Candidate, Selection
 from .utilities import Utility, cached_extract_answer, get_utility, unique_texts
 
@@ -102,7 +104,6 @@ class Method:
     """
 
     name: ClassVar[str] = "method"
-    Config = MethodConfig
     uses_utility: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None):
@@ -174,7 +175,7 @@ class Model(Method):
 
     def score(self, u: np.ndarray, candidates: Sequence[Candidate], keys=None):
         n = len(candidates)
-        draws = np.array([c.model for c in candidates])
+        draws = np.array([c.draw for c in candidates])
         draw_ids, draw_of = np.unique(draws, return_inverse=True)
         draw_of = draw_of.reshape(-1)
         n_draws = draw_ids.size
@@ -194,32 +195,11 @@ class Model(Method):
         return scores, s.mean(axis=1)
 
 
-class _MethodRegistry(Mapping[str, Method]):
-    def __init__(self) -> None:
-        self._items: dict[str, Method] = {}
-
-    def __getitem__(self, name: str) -> Method:
-        return self._items[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def register(self, name: str, method: Method) -> Method:
-        self._items[name] = method
-        return method
-
-    def __repr__(self) -> str:
-        return f"METHODS({sorted(self._items)})"
-
-
-METHODS = _MethodRegistry()
+METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(name: str, method: Method) -> Method:
-    """Register a method instance under ``name`` (replacing any)."""
+    """Register a method instance under ``name`` (a name already taken is an error)."""
     return METHODS.register(name, method)
 
 
@@ -233,11 +213,7 @@ def get_method(method: str | Method) -> tuple[str, Method]:
     if isinstance(method, Method):
         return method.label, method
     if isinstance(method, str):
-        try:
-            return method, METHODS[method]
-        except KeyError:
-            valid = ", ".join(sorted(METHODS))
-            raise ValueError(f"unknown method {method!r}; valid methods: {valid}") from None
+        return method, METHODS.resolve(method)
     raise TypeError(f"method must be a name or a Method, not {type(method).__name__}")
 
 
@@ -274,7 +250,7 @@ def select(
 ) -> Selection:
     """Pick the consensus candidate by Minimum Bayes Risk.
 
-    candidates: the samples (``Candidate(model, text, logprob, tokens)``); not empty.
+    candidates: the samples (``Candidate(draw, text, logprob, tokens)``); not empty.
     method: a name in ``METHODS`` (flat, model, majority and their ``_weighted`` variants) or a
         ``Method``.
     utility: a name in ``UTILITIES`` (answer, chrf, bleu, rouge_l, token_f1), a ``Utility``, or

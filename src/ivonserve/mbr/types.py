@@ -11,14 +11,14 @@ __all__ = ["Candidate", "Selection"]
 class Candidate:
     """One sampled completion.
 
-    model: index of the posterior draw that produced it (candidates with equal ``model`` form one
+    draw: index of the posterior draw that produced it (candidates with equal ``draw`` form one
         hypothesis set H_m for the ``model`` method).
     text: the completion.
     logprob: cumulative log-probability of the sequence (sum over its tokens), or None.
     tokens: number of generated tokens, for length normalisation (logprob / tokens), or None.
     """
 
-    model: int
+    draw: int
     text: str
     logprob: float | None = None
     tokens: int | None = None

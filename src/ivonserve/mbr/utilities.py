@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import re
 import string
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +24,7 @@ import numpy as np
 from ivonserve.answers import extract_answer
 
 from . import _ngrams
+from .registry import Registry
 
 # extract_answer is pure; select() and the answer utility both need it for the same texts
 cached_extract_answer = functools.lru_cache(maxsize=4096)(extract_answer)
@@ -174,7 +175,6 @@ class TokenF1(Utility):
 
     name = "token_f1"
     symmetric = True
-    Config = TokenF1Config
 
     def __init__(self, config: TokenF1Config | None = None):
         self.config = config or TokenF1Config()
@@ -201,36 +201,16 @@ class TokenF1(Utility):
         return np.where(either, both.astype(np.float64), f1)
 
 
-class _Registry(Mapping[str, Utility]):
-    """Name -> utility instance; read-only mapping with ``register``."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, Utility] = {}
-
-    def __getitem__(self, name: str) -> Utility:
-        return self._items[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def register(self, name: str, utility: Utility) -> Utility:
-        if not isinstance(utility, Utility):
-            utility = CallableUtility(utility, name)
-        self._items[name] = utility
-        return utility
-
-    def __repr__(self) -> str:
-        return f"UTILITIES({sorted(self._items)})"
+def _as_utility(name: str, entry: object) -> Utility:
+    return entry if isinstance(entry, Utility) else CallableUtility(entry, name)
 
 
-UTILITIES = _Registry()
+UTILITIES: Registry[Utility] = Registry("utility", _as_utility)
 
 
 def register_utility(name: str, utility: Utility | Callable[[str, str], float] | None = None):
-    """Register a utility under ``name`` (replacing any). Usable as a class decorator:
+    """Register a utility under ``name`` (a name already taken is an error). Usable as a class
+    decorator:
 
     ``@register_utility("mine")`` on a ``Utility`` subclass registers an instance of it.
     """
@@ -250,11 +230,7 @@ def get_utility(utility: str | Utility | Callable[[str, str], float]) -> tuple[s
     Raises ValueError listing the valid names for an unknown name.
     """
     if isinstance(utility, str):
-        try:
-            return utility, UTILITIES[utility]
-        except KeyError:
-            valid = ", ".join(sorted(UTILITIES))
-            raise ValueError(f"unknown utility {utility!r}; valid utilities: {valid}") from None
+        return utility, UTILITIES.resolve(utility)
     if isinstance(utility, Utility):
         return getattr(utility, "label", None) or utility.name, utility
     if callable(utility):

@@ -1,12 +1,8 @@
-"""The FastAPI app: factory, thin routes, error handlers, and ``serve`` (uvicorn).
+"""The FastAPI app: the factory and thin routes; the work is in ``serving`` and ``scoring``,
+the answers' shapes in ``responses``, errors in ``errors``, the engine's life in ``lifecycle``.
 
-The app comes up at once and answers ``/health`` (200) and ``/ready`` (503) while the engine
-starts in a background task of the lifespan; ``/ready`` turns 200 once vLLM is up and every pool
-registered. A watchdog turns ``/ready`` back to 503 and stops the server (exit code 1, for the
-restart policy) if the engine dies later. Every error is a JSON ``{"error": {...}}`` without a
-stack trace; a client that disconnects mid-request cancels its handler, which aborts the
-request's engine work. On SIGTERM the server drains: no new connections, in-flight requests run
-up to ``drain_timeout_s``, the rest are aborted, exit code 0.
+Every error is a JSON ``{"error": {...}}`` without a stack trace; a client that disconnects
+mid-request cancels its handler, which aborts the request's engine work.
 """
 
 from __future__ import annotations
@@ -15,28 +11,22 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ivonserve.config import Settings
-from ivonserve.engine import Engine, EngineError, EngineNotReady, InvalidRequest
-from ivonserve.errors import IvonserveError
+from ivonserve.engine import Engine
 from ivonserve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorInfo,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -44,122 +34,28 @@ from ivonserve.protocol import (
     ModelCard,
     ModelList,
     Readiness,
+    ScoreRequest,
+    ScoreResponse,
 )
+from ivonserve.server.errors import ApiError, add_error_handlers
+from ivonserve.server.lifecycle import EngineState
 from ivonserve.server.limits import Admission, Ticket
 from ivonserve.server.metrics import Metrics
 from ivonserve.server.middleware import RequestContext
-from ivonserve.server.serving import (
-    ApiError,
+from ivonserve.server.responses import (
     ChatStream,
     CompletionStream,
-    GenerationService,
-    Plan,
     chat_response,
     completion_response,
-    error_type,
+    generate_error_event,
     generate_response,
     progress_event,
     result_event,
 )
+from ivonserve.server.scoring import ScoringService
+from ivonserve.server.serving import GenerationService, Outcome, Plan
 
 logger = logging.getLogger("ivonserve.server")
-WATCHDOG_S = 1.0
-EXIT_ENGINE_DIED = 1
-
-
-class EngineState:
-    """The app's engine and its life: starting -> ready -> (draining | died), or failed."""
-
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.owned = engine is None  # an engine passed in belongs to the caller
-        self.error: str | None = None
-        self.died = False
-        self.draining = False
-        self.task: asyncio.Task | None = None
-        self.began = time.perf_counter()
-        self.startup_s: float | None = 0.0 if engine is not None else None
-        self.stopped = False
-        self.on_fatal: Callable[[], None] | None = None  # serve(): stop uvicorn
-
-    async def start(self) -> None:
-        try:
-            self.engine = await Engine.start(self.settings)
-            self.startup_s = time.perf_counter() - self.began
-            logger.info("ready after %.1f s", self.startup_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            self.error = (
-                str(err) if isinstance(err, IvonserveError) else f"{type(err).__name__}: {err}"
-            )
-            # a user error (bad folder, bad model) is one line; anything else gets its traceback
-            trace = None if isinstance(err, IvonserveError) else err
-            logger.error("engine failed to start: %s", self.error, exc_info=trace)
-            self._fatal()
-            return
-        await self._watch()
-
-    async def _watch(self) -> None:
-        """Poll the started engine; if it dies, fail readiness and stop the server."""
-        while not self.stopped:
-            engine = self.engine
-            if engine is not None and engine.dead:
-                self.died = True
-                self.error = (
-                    "the vLLM engine died; the server stops (its restart policy revives it)"
-                )
-                logger.error(self.error)
-                self._fatal()
-                return
-            await asyncio.sleep(WATCHDOG_S)
-
-    def _fatal(self) -> None:
-        if self.on_fatal is not None:
-            self.on_fatal()
-
-    async def stop(self) -> None:
-        self.stopped = True
-        if self.task is not None and not self.task.done():
-            if self.engine is not None:  # started: only the watchdog runs; stop it
-                self.task.cancel()
-            # vLLM starts in a worker thread that cannot be interrupted: let it finish, then stop
-            with contextlib.suppress(BaseException):
-                await self.task
-        if self.owned and self.engine is not None:
-            await self.engine.shutdown()
-
-    def readiness(self) -> Readiness:
-        if self.error is not None:
-            return Readiness(status="failed", detail=self.error)
-        if self.draining:
-            return Readiness(status="draining", detail="shutting down: finishing in-flight work")
-        if self.engine is not None and self.engine.ready:
-            return Readiness(status="ready", startup_s=self.startup_s)
-        if self.stopped or self.engine is not None:
-            return Readiness(status="stopped", detail="the engine is not running")
-        return Readiness(
-            status="starting",
-            detail=f"starting for {time.perf_counter() - self.began:.0f} s",
-        )
-
-    def require(self) -> Engine:
-        if self.engine is None or not self.engine.ready:
-            state = self.readiness()
-            raise ApiError(503, f"the engine is not ready ({state.status}: {state.detail})")
-        return self.engine
-
-    def snapshot(self, admission: Admission) -> dict[str, Any]:
-        """The live values /metrics exports at each scrape."""
-        engine = self.engine
-        return {
-            "in_flight": admission.in_flight,
-            "queued": admission.queued,
-            "ready": int(engine is not None and engine.ready),
-            "aborted": engine.aborted_requests if engine is not None else 0,
-            "pools": {name: p.size for name, p in engine.pools.items()} if engine else {},
-        }
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -190,12 +86,12 @@ def with_cancellation(handler: Callable) -> Callable:
                 raise
             # uvicorn cancels what still runs at the drain deadline: say so, not a bare 500
             s = raw_request.app.state.settings
-            return error_response(
+            return ApiError(
                 503,
                 f"the server shut down before the request finished "
                 f"(drain_timeout_s={s.drain_timeout_s}); retry",
                 headers={"Retry-After": "1"},
-            )
+            ).response()
         await _cancel(*({work, gone} - done))
         if work in done:
             return work.result()
@@ -228,22 +124,37 @@ def _service(request: Request) -> GenerationService:
     return request.app.state.generation
 
 
+def _scoring(request: Request) -> ScoringService:
+    return request.app.state.scoring
+
+
 def _log(request: Request) -> dict[str, Any]:
     return request.scope.get("state", {}).get("log", {})
 
 
-async def _answer(request: Request, plan: Plan, shape: Callable) -> Any:
-    """Run a planned request to completion in its slot and shape the answer."""
-    service = _service(request)
-    ticket = service.admit()
+async def _in_slot(request: Request, work: Callable[[Ticket], Awaitable[Any]]) -> Any:
+    """Take a slot (or a queue place), run ``work(ticket)`` to completion, give the slot back."""
+    ticket = _service(request).admit()
     try:
-        return shape(await service.run(plan, ticket, _log(request)))
+        return await work(ticket)
     finally:
         ticket.release()
 
 
-def _stream(request: Request, plan: Plan, ticket: Ticket, **events: Any) -> StreamingResponse:
-    body = _service(request).stream(plan, ticket, _log(request), **events)
+async def _generation(
+    request: Request,
+    plan: Plan,
+    stream: bool,
+    shape: Callable[[Outcome], Any],
+    **events: Any,
+) -> Any:
+    """The body every generation route shares: the shaped answer, or its event stream (the slot
+    is taken before the stream starts, so a refusal is still a real 429)."""
+    service = _service(request)
+    if not stream:
+        return shape(await _in_slot(request, lambda t: service.run(plan, t, _log(request))))
+    ticket = service.admit()
+    body = service.stream(plan, ticket, _log(request), **events)
     return TicketedStream(
         ticket, body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
@@ -328,14 +239,21 @@ async def models(raw_request: Request) -> ModelList:
 async def generate(request: GenerateRequest, raw_request: Request) -> Any:
     """Fan the prompt out over posterior draws and samples; return the MBR consensus. With
     ``stream``: server-sent events, one per finished draw, then the result."""
-    service = _service(raw_request)
-    plan = service.plan_generate(request)
-    if not request.stream:
-        return await _answer(raw_request, plan, generate_response)
-    ticket = service.admit()
-    return _stream(
-        raw_request, plan, ticket, opening=(), on_draw=progress_event, closing=result_event
-    )
+    plan = _service(raw_request).plan_generate(request)
+    return await _generation(
+        raw_request, plan, request.stream, generate_response,
+        opening=(), on_draw=progress_event, closing=result_event, error=generate_error_event,
+    )  # fmt: skip
+
+
+@router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
+@with_cancellation
+async def score(request: ScoreRequest, raw_request: Request) -> Any:
+    """The log-likelihood of each continuation given the prompt under the posterior predictive
+    of n_models draws (0: the mean adapter), with the draws' own and their disagreement."""
+    service = _scoring(raw_request)
+    plan = service.plan_score(request)
+    return await _in_slot(raw_request, lambda t: service.score(plan, t, _log(raw_request)))
 
 
 @router.post(
@@ -347,15 +265,12 @@ async def generate(request: GenerateRequest, raw_request: Request) -> Any:
 async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Any:
     """OpenAI-compatible chat: ``choices[0]`` is the consensus, ``ivonserve`` says how it was
     chosen. Extra body fields: n_models, n_samples, selection, utility, return_candidates."""
-    service = _service(raw_request)
-    plan = service.plan_chat(request)
-    if not request.stream:
-        return await _answer(raw_request, plan, chat_response)
-    ticket = service.admit()
+    plan = _service(raw_request).plan_chat(request)
     chunks = ChatStream(plan, request.include_usage)
-    return _stream(
-        raw_request, plan, ticket, opening=chunks.opening(), on_draw=None, closing=chunks.closing
-    )
+    return await _generation(
+        raw_request, plan, request.stream, chat_response,
+        opening=chunks.opening(), on_draw=None, closing=chunks.closing, error=chunks.error,
+    )  # fmt: skip
 
 
 @router.post(
@@ -365,62 +280,20 @@ async def chat_completions(request: ChatCompletionRequest, raw_request: Request)
 )
 @with_cancellation
 async def completions(request: CompletionRequest, raw_request: Request) -> Any:
-    """OpenAI-compatible completions: the prompt is used as is (no chat template)."""
-    service = _service(raw_request)
-    plan = service.plan_completion(request)
-    if not request.stream:
-        return await _answer(raw_request, plan, completion_response)
-    ticket = service.admit()
+    """OpenAI-compatible completions: the prompt is used as is (no chat template). With
+    ``echo`` and ``max_tokens`` 0 or 1 it scores the prompt (OpenAI's legacy scoring)."""
+    if request.scoring:
+        if request.stream:
+            raise ApiError(422, "stream: scoring (echo) is not streamed", "stream")
+        service = _scoring(raw_request)
+        plan = service.plan_echo(request)
+        return await _in_slot(raw_request, lambda t: service.echo(plan, t, _log(raw_request)))
+    plan = _service(raw_request).plan_completion(request)
     chunks = CompletionStream(plan, request.include_usage)
-    return _stream(raw_request, plan, ticket, opening=(), on_draw=None, closing=chunks.closing)
-
-
-# --- errors -----------------------------------------------------------------------------------
-def error_response(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    info = ErrorInfo(message=message, type=error_type(status), param=param, code=status)
-    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status, headers=headers)
-
-
-def _field(loc: tuple | list) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
-
-
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    messages, first = [], None
-    for err in exc.errors():
-        name = _field(err.get("loc", ()))
-        first = first or name
-        msg = str(err.get("msg", "invalid"))
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field (not allowed)"
-        elif err.get("type") == "missing":
-            msg = "field required"
-        messages.append(f"{name}: {msg}")
-    return error_response(422, "; ".join(messages) or "invalid request", first)
-
-
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param, exc.headers)
-
-
-async def _ivonserve_error(_: Request, exc: IvonserveError) -> JSONResponse:
-    if isinstance(exc, InvalidRequest):
-        return error_response(422, f"{exc.field}: {exc}", exc.field)
-    if isinstance(exc, EngineNotReady | EngineError):
-        return error_response(503, str(exc))
-    return error_response(422, str(exc))
-
-
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
-
-
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.error("unexpected error", exc_info=exc)
-    return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
+    return await _generation(
+        raw_request, plan, request.stream, completion_response,
+        opening=(), on_draw=None, closing=chunks.closing, error=chunks.error,
+    )  # fmt: skip
 
 
 # --- app --------------------------------------------------------------------------------------
@@ -458,12 +331,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.created = int(time.time())
     app.state.generation = GenerationService(settings, state.require, admission, metrics)
+    app.state.scoring = ScoringService(settings, state.require, admission, metrics)
     app.include_router(router)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(IvonserveError, _ivonserve_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    add_error_handlers(app)
     app.add_middleware(
         RequestContext,
         metrics=metrics,
@@ -479,84 +349,3 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             expose_headers=["X-Request-Id", "Retry-After"],
         )
     return app
-
-
-def start_draining(app: FastAPI) -> None:
-    """Refuse new generation work (503 with Retry-After) and fail /ready; in-flight work runs."""
-    app.state.engine_state.draining = True
-    app.state.admission.draining = True
-
-
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise IvonserveError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-
-
-def check_before_start(settings: Settings) -> None:
-    """Everything a user can get wrong, checked before the server listens: the base model (its
-    config, tokenizer and weight files), and every posterior (files, shapes, finiteness, fit to
-    the model). A defect is a one-line IvonserveError naming the file, never a half-started
-    server."""
-    from ivonserve.model import check_model, resolve_model
-    from ivonserve.posterior import load_served
-
-    model_dir = resolve_model(settings.model, settings.cache_dir)
-    check_model(model_dir)
-    for spec in settings.posterior_specs():
-        load_served(spec.path, spec.kind, model_dir)
-    settings.api_key_list()  # an unreadable or empty key file
-
-
-def serve(settings: Settings) -> int:
-    """Print the settings, run uvicorn until stopped. Exit codes: 0 after SIGTERM/SIGINT (drained),
-    1 if the engine died while serving; a failed start raises (exit 2 from the CLI)."""
-    import uvicorn
-
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("ivonserve").setLevel(getattr(logging, settings.log_level.upper()))
-    print("ivonserve settings:\n" + settings.summary(), flush=True)
-    _check_port(settings.host, settings.port)
-    check_before_start(settings)
-    app = create_app(settings)
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:
-                logger.info("signal %d: draining (up to %.0f s)", sig, settings.drain_timeout_s)
-            start_draining(app)
-            super().handle_exit(sig, frame)
-
-    server = DrainingServer(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,  # ivonserve.access logs one structured line per request
-            timeout_graceful_shutdown=settings.drain_timeout_s,
-        )
-    )
-
-    def fatal() -> None:
-        server.should_exit = True
-
-    app.state.engine_state.on_fatal = fatal
-    # uvicorn re-raises the signal it caught once it has shut down; with the default SIGTERM
-    # handler that would kill the drained process with status 143 instead of exiting 0
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"ivonserve: http://{settings.host}:{settings.port} (ready at /ready)", flush=True)
-    server.run()
-    state = app.state.engine_state
-    if state.died:
-        print(f"ivonserve: error: {state.error}", flush=True)
-        return EXIT_ENGINE_DIED
-    if state.error is not None:
-        raise IvonserveError(f"the engine failed to start: {state.error}")
-    return 0

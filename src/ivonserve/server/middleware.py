@@ -15,9 +15,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ivonserve.protocol import ErrorInfo, ErrorResponse
+from ivonserve.server.errors import ApiError
 from ivonserve.server.metrics import Metrics
-from ivonserve.server.serving import error_type
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -163,8 +162,7 @@ async def _error(
     param: str | None = None,
     extra: list[tuple[bytes, bytes]] = (),
 ) -> None:
-    info = ErrorInfo(message=message, type=error_type(status), param=param, code=status)
-    body = ErrorResponse(error=info).model_dump_json().encode()
+    body = ApiError(status, message, param).body().model_dump_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": [*headers, *extra]})
     await send({"type": "http.response.body", "body": body})

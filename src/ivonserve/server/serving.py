@@ -1,9 +1,10 @@
 """The work behind the generation routes (vLLM's ``serving_*`` pattern): fill defaults and check
-limits (``plan``), wait for a slot, fan out, select (``run``), and shape the answer for
-/generate, /v1/chat/completions and /v1/completions, streamed or not.
+limits (``plan``), wait for a slot, fan out, select (``run``), and stream, for /generate,
+/v1/chat/completions and /v1/completions. The shapes of the answers are ``responses``'s.
 
-Every route goes through the same ``plan`` -> ``run``: one place for the limits, the timeout
-(queue time included), the metrics and the request's log fields.
+Every engine route (scoring too, ``scoring``) shares ``Service``: one place for admission, the
+timeout (queue time included), the pool a request names and the prompt limit. The wire's
+``n_models`` is the code's ``n_draws``: ``plan`` maps it in, ``responses`` maps it back out.
 """
 
 from __future__ import annotations
@@ -12,78 +13,34 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from ivonserve import mbr
-from ivonserve.answers import extract_answer
 from ivonserve.config import Settings
-from ivonserve.engine import Engine, FanOut, Generated, InvalidRequest, Pool, SamplingOptions
+from ivonserve.engine import Engine, FanOut, Generated, SamplingOptions
+from ivonserve.errors import InvalidRequest
+from ivonserve.pool import Pool
 from ivonserve.protocol import (
-    AssistantMessage,
-    CandidateOut,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
-    Consensus,
-    DeltaMessage,
-    ErrorInfo,
+    ErrorResponse,
     FanOutOptions,
     GenerateRequest,
-    GenerateResponse,
     Timing,
     Usage,
 )
+from ivonserve.server.errors import ApiError, api_error
 from ivonserve.server.limits import Admission, Overloaded, Ticket
 from ivonserve.server.metrics import Metrics
 
 KEEPALIVE_S = 10.0  # an SSE comment this often while candidates are generated (proxies, clients)
 _KEEPALIVE = b": keep-alive\n\n"
 _DONE = b"data: [DONE]\n\n"
-
-
-class ApiError(Exception):
-    """An error answered as ``ErrorResponse`` with its HTTP status (and headers, if any)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.headers = headers or {}
-
-    def info(self) -> ErrorInfo:
-        return ErrorInfo(
-            message=self.message, type=error_type(self.status), param=self.param, code=self.status
-        )
-
-
-def error_type(status: int) -> str:
-    return {
-        400: "BadRequestError",
-        401: "AuthenticationError",
-        404: "NotFoundError",
-        413: "RequestTooLargeError",
-        422: "BadRequestError",
-        429: "RateLimitError",
-        503: "ServiceUnavailableError",
-        504: "TimeoutError",
-    }.get(status, "InternalServerError" if status >= 500 else "Error")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,7 +49,7 @@ class Plan:
 
     pool: Pool
     prompt_ids: list[int]
-    n_models: int
+    n_draws: int
     n_samples: int
     sampling: SamplingOptions
     selection: str
@@ -113,14 +70,27 @@ class Outcome:
 
     @property
     def usage(self) -> Usage:
-        prompt, completion = self.fan.prompt_tokens, self.fan.completion_tokens
-        return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-        )
+        return usage(self.fan.prompt_tokens, self.fan.completion_tokens)
 
 
-class GenerationService:
-    """Owns the admission control and the metrics of generation; the routes only translate."""
+def usage(prompt: int, completion: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """What ``Service.on_engine`` measured: the work's result, its queue and engine seconds."""
+
+    result: Any
+    began: float
+    queue_s: float
+    engine_s: float
+
+
+class Service:
+    """What every engine route shares: admission, the timeout, the named pool, prompt limits."""
 
     def __init__(
         self,
@@ -134,7 +104,69 @@ class GenerationService:
         self.admission = admission
         self.metrics = metrics
 
-    # --- the shared path --------------------------------------------------------------------
+    def admit(self) -> Ticket:
+        """A slot or a queue place, taken before any response starts (so a refusal is a real
+        429/503 status, streaming or not)."""
+        try:
+            return self.admission.enter()
+        except Overloaded as err:
+            raise ApiError(
+                err.status, str(err), headers={"Retry-After": str(err.retry_after_s)}
+            ) from None
+
+    def named_pool(self, engine: Engine, model: str | None) -> Pool:
+        """The pool a request names (404 if none such), or the default one."""
+        if model is not None and model not in engine.pools:
+            raise ApiError(
+                404,
+                f"model: {model!r} is not served here; served: {', '.join(engine.pools)}",
+                "model",
+            )
+        return engine.pool(model)
+
+    def n_draws(self, requested: int | None, pool: Pool) -> int:
+        """The wire's n_models: the request's, or the server default capped at the pool."""
+        if requested is None:
+            return min(self.settings.default_n_models, pool.size)
+        if requested > pool.size:
+            raise ApiError(
+                422, f"n_models: must be <= the pool size {pool.size}, got {requested}", "n_models"
+            )
+        return requested
+
+    def check_prompt(self, engine: Engine, prompt_ids: list[int], field: str) -> None:
+        limit = self.settings.max_prompt_tokens or engine.max_model_len - 1
+        if len(prompt_ids) > limit:
+            raise ApiError(
+                422,
+                f"{field}: the prompt is {len(prompt_ids)} tokens, over the limit of "
+                f"{limit} (max_prompt_tokens / the context length)",
+                field,
+            )
+
+    async def on_engine(
+        self, ticket: Ticket, work: Callable[[Engine], Awaitable[T]], timeout_what: str
+    ) -> EngineRun:
+        """Wait for the slot, then ``work(engine)``; the timeout covers both (504)."""
+        s = self.settings
+        began = time.perf_counter()
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                async with ticket:
+                    admitted = time.perf_counter()
+                    result = await work(self.require_engine())
+                    done = time.perf_counter()
+                    self.admission.record_service(done - admitted)
+        except TimeoutError:
+            raise ApiError(
+                504, f"the {timeout_what} took longer than request_timeout_s={s.request_timeout_s}"
+            ) from None
+        return EngineRun(result, began, admitted - began, done - admitted)
+
+
+class GenerationService(Service):
+    """Generation: plan, fan out, select, stream; the routes only translate."""
+
     def plan(
         self,
         req: FanOutOptions,
@@ -146,20 +178,10 @@ class GenerationService:
         """Defaults from the settings, then every limit; a violation is a 4xx naming it."""
         engine = self.require_engine()
         s = self.settings
-        if model is not None and model not in engine.pools:
-            raise ApiError(
-                404,
-                f"model: {model!r} is not served here; served: {', '.join(engine.pools)}",
-                "model",
-            )
-        pool = engine.pool(model)
-        n_models = req.n_models if req.n_models is not None else min(s.default_n_models, pool.size)
-        if n_models > pool.size:
-            raise ApiError(
-                422, f"n_models: must be <= the pool size {pool.size}, got {n_models}", "n_models"
-            )
+        pool = self.named_pool(engine, model)
+        n_draws = self.n_draws(req.n_models, pool)
         n_samples = req.n_samples if req.n_samples is not None else s.default_n_samples
-        count = max(1, n_models) * n_samples
+        count = max(1, n_draws) * n_samples
         if count > s.max_candidates:
             raise ApiError(
                 422,
@@ -173,14 +195,13 @@ class GenerationService:
                 422, f"max_tokens: must be <= {s.max_tokens_limit}, got {max_tokens}", "max_tokens"
             )
         prompt_ids = prompt(engine)
-        limit = s.max_prompt_tokens or engine.max_model_len - 1
-        if len(prompt_ids) > limit:
+        self.check_prompt(engine, prompt_ids, prompt_field)
+        vocab = len(engine.tokenizer)
+        if any(t >= vocab for t in req.stop_token_ids or ()):
             raise ApiError(
-                422,
-                f"{prompt_field}: the prompt is {len(prompt_ids)} tokens, over the limit of "
-                f"{limit} (max_prompt_tokens / the context length)",
-                prompt_field,
-            )
+                422, f"stop_token_ids: token ids are below the vocabulary size {vocab}",
+                "stop_token_ids",
+            )  # fmt: skip
         sampling = SamplingOptions(
             max_tokens=max_tokens,
             temperature=req.temperature if req.temperature is not None else s.default_temperature,
@@ -188,28 +209,19 @@ class GenerationService:
             seed=req.seed,
             ignore_eos=req.ignore_eos,
             stop=tuple(req.stop or ()),
+            extra=req.sampling_extensions(),
         )
-        engine.check_length(prompt_ids, sampling)
+        engine.check_length(prompt_ids, sampling.max_tokens)
         return Plan(
             pool=pool,
             prompt_ids=prompt_ids,
-            n_models=n_models,
+            n_draws=n_draws,
             n_samples=n_samples,
             sampling=sampling,
             selection=req.selection or s.default_selection,
             utility=req.utility or s.default_utility,
             return_candidates=req.return_candidates,
         )
-
-    def admit(self) -> Ticket:
-        """A slot or a queue place, taken before any response starts (so a refusal is a real
-        429/503 status, streaming or not)."""
-        try:
-            return self.admission.enter()
-        except Overloaded as err:
-            raise ApiError(
-                err.status, str(err), headers={"Retry-After": str(err.retry_after_s)}
-            ) from None
 
     async def run(
         self,
@@ -219,34 +231,27 @@ class GenerationService:
         on_draw: Callable[[list[Generated]], None] | None = None,
     ) -> Outcome:
         """Wait for the slot, fan out, select; the timeout covers all of it."""
-        s = self.settings
-        log.update(model=plan.pool.name, n_models=plan.n_models, n_samples=plan.n_samples)
-        began = time.perf_counter()
-        try:
-            async with asyncio.timeout(s.request_timeout_s):
-                async with ticket:
-                    admitted = time.perf_counter()
-                    fan = await self.require_engine().fan_out(
-                        plan.prompt_ids,
-                        plan.n_models,
-                        plan.n_samples,
-                        plan.sampling,
-                        plan.pool.name,
-                        on_draw,
-                    )
-                    generated = time.perf_counter()
-                    self.admission.record_service(generated - admitted)
-        except TimeoutError:
-            raise ApiError(
-                504, f"the request took longer than request_timeout_s={s.request_timeout_s}"
-            ) from None
+        log.update(model=plan.pool.name, n_models=plan.n_draws, n_samples=plan.n_samples)
+
+        def fan_out(engine: Engine) -> Awaitable[FanOut]:
+            return engine.fan_out(
+                plan.prompt_ids,
+                plan.n_draws,
+                plan.n_samples,
+                plan.sampling,
+                plan.pool.name,
+                on_draw,
+            )
+
+        run = await self.on_engine(ticket, fan_out, "request")
+        fan: FanOut = run.result
         chosen = await asyncio.to_thread(_select, fan, plan.selection, plan.utility)
         selected = time.perf_counter()
         timing = Timing(
-            queue_s=round(admitted - began, 4),
-            generate_s=round(generated - admitted, 4),
-            select_s=round(selected - generated, 4),
-            total_s=round(selected - began, 4),
+            queue_s=round(run.queue_s, 4),
+            generate_s=round(run.engine_s, 4),
+            select_s=round(selected - run.began - run.queue_s - run.engine_s, 4),
+            total_s=round(selected - run.began, 4),
         )
         self._observe(plan, fan, chosen, timing, log)
         return Outcome(plan=plan, fan=fan, chosen=chosen, timing=timing)
@@ -268,22 +273,36 @@ class GenerationService:
             **timing.model_dump(exclude={"total_s"}),
         )
 
-    # --- the routes' shapes -----------------------------------------------------------------
+    # --- the routes' requests ---------------------------------------------------------------
     def plan_generate(self, req: GenerateRequest) -> Plan:
-        messages = _template_messages(req.messages) if req.messages else None
+        messages = template_messages(req.messages) if req.messages else None
         field = "messages" if messages else "prompt"
         return self.plan(
-            req, req.model, req.max_tokens, lambda e: _render(e, req.prompt, messages), field
+            req, req.model, req.max_tokens, lambda e: render(e, req.prompt, messages), field
         )
 
     def plan_chat(self, req: ChatCompletionRequest) -> Plan:
-        messages = _template_messages(req.messages)
+        messages = template_messages(req.messages)
         return self.plan(
-            req, req.model, req.max_tokens, lambda e: _render(e, None, messages), "messages"
+            req, req.model, req.max_tokens, lambda e: render(e, None, messages), "messages"
         )
 
     def plan_completion(self, req: CompletionRequest) -> Plan:
-        return self.plan(req, req.model, req.max_tokens, lambda e: e.encode(req.prompt), "prompt")
+        if req.echo or req.logprobs is not None:
+            raise ApiError(
+                422,
+                "echo: echo and logprobs score the prompt and need max_tokens 0 or 1 (scoring); "
+                "generation returns the consensus without them",
+                "echo" if req.echo else "logprobs",
+            )
+        if len(req.prompts) != 1:
+            raise ApiError(
+                422, "prompt: give one prompt (a batch of prompts is for scoring only)", "prompt"
+            )
+        if req.max_tokens == 0:
+            raise ApiError(422, "max_tokens: 0 is for scoring (with echo) only", "max_tokens")
+        (prompt,) = req.prompts
+        return self.plan(req, req.model, req.max_tokens, lambda e: tokens_of(e, prompt), "prompt")
 
     async def stream(
         self,
@@ -293,10 +312,12 @@ class GenerationService:
         opening: Iterable[BaseModel | dict],
         on_draw: Callable[[list[Generated]], BaseModel | dict] | None,
         closing: Callable[[Outcome], Iterable[BaseModel | dict]],
+        error: Callable[[ErrorResponse], dict],
     ) -> AsyncIterator[bytes]:
         """Server-sent events: ``opening`` at once, an event per finished draw (``on_draw``),
-        keep-alive comments while waiting, then ``closing(outcome)`` and ``[DONE]``. An error
-        after the stream began is an ``{"error": ...}`` event (what OpenAI's client expects)."""
+        keep-alive comments while waiting, then ``closing(outcome)`` and ``[DONE]``. Any error
+        after the stream began (a limit, a timeout, the engine dying) is ``error(body)`` as the
+        last event before ``[DONE]``: a stream always ends, never breaks off."""
         draws: asyncio.Queue[list[Generated]] = asyncio.Queue()
         work = asyncio.create_task(
             self.run(plan, ticket, log, draws.put_nowait if on_draw else None)
@@ -317,15 +338,11 @@ class GenerationService:
                         yield _KEEPALIVE
             while not draws.empty():
                 yield _sse(on_draw(draws.get_nowait()))
-            try:
-                outcome = work.result()
-            except ApiError as err:
-                yield _sse({"type": "error", "error": err.info().model_dump()})
-            except InvalidRequest as err:
-                info = ApiError(422, f"{err.field}: {err}", err.field).info()
-                yield _sse({"type": "error", "error": info.model_dump()})
+            failure = asyncio.CancelledError() if work.cancelled() else work.exception()
+            if failure is not None:
+                yield _sse(error(api_error(failure).body()))
             else:
-                for event in closing(outcome):
+                for event in closing(work.result()):
                     yield _sse(event)
             yield _DONE
         except asyncio.CancelledError:
@@ -340,174 +357,11 @@ class GenerationService:
             ticket.release()
 
 
-# --- response shapes ------------------------------------------------------------------------
-def generate_response(outcome: Outcome) -> GenerateResponse:
-    sampling = outcome.plan.sampling
-    return GenerateResponse(
-        id=f"gen-{uuid.uuid4().hex}",
-        model=outcome.plan.pool.name,
-        text=outcome.chosen.text,
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        usage=outcome.usage,
-        **_consensus_fields(outcome),
-    )
-
-
-def consensus(outcome: Outcome) -> Consensus:
-    return Consensus(**_consensus_fields(outcome))
-
-
-def _consensus_fields(outcome: Outcome) -> dict[str, Any]:
-    plan, chosen, winner = outcome.plan, outcome.chosen, outcome.winner
-    return {
-        "answer": chosen.answer,
-        "confidence": float(chosen.confidence),
-        "chosen_model": winner.model,
-        "chosen_sample": winner.sample,
-        "n_models": plan.n_models,
-        "n_samples": plan.n_samples,
-        "selection": plan.selection,
-        "utility": plan.utility,
-        "seed": outcome.fan.seed,
-        "candidates": candidates_out(outcome) if plan.return_candidates else None,
-        "timing": outcome.timing,
-    }
-
-
-def candidates_out(outcome: Outcome) -> list[CandidateOut]:
-    chosen, fan = outcome.chosen, outcome.fan
-    answers = chosen.answers or tuple(extract_answer(c.text) for c in fan.candidates)
-    return [
-        candidate_out(c, answers[i], float(chosen.scores[i])) for i, c in enumerate(fan.candidates)
-    ]
-
-
-def candidate_out(c: Generated, answer: str | None, score: float | None) -> CandidateOut:
-    return CandidateOut(
-        model=c.model,
-        sample=c.sample,
-        text=c.text,
-        answer=answer,
-        logprob=c.logprob,
-        tokens=c.tokens,
-        finish_reason=c.finish_reason,
-        score=score,
-    )
-
-
-def chat_response(outcome: Outcome) -> ChatCompletionResponse:
-    return ChatCompletionResponse(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        model=outcome.plan.pool.name,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=outcome.chosen.text),
-                finish_reason=outcome.winner.finish_reason,
-            )
-        ],
-        usage=outcome.usage,
-        ivonserve=consensus(outcome),
-    )
-
-
-def completion_response(outcome: Outcome) -> CompletionResponse:
-    return CompletionResponse(
-        id=f"cmpl-{uuid.uuid4().hex}",
-        model=outcome.plan.pool.name,
-        choices=[
-            CompletionChoice(text=outcome.chosen.text, finish_reason=outcome.winner.finish_reason)
-        ],
-        usage=outcome.usage,
-        ivonserve=consensus(outcome),
-    )
-
-
-class _OpenAIStream:
-    """What every chunk of one OpenAI stream shares: its id, creation time and model."""
-
-    prefix = ""
-
-    def __init__(self, plan: Plan, include_usage: bool) -> None:
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = plan.pool.name
-        self.include_usage = include_usage
-
-
-class ChatStream(_OpenAIStream):
-    """OpenAI's chat chunk sequence: the role at once, the consensus text once chosen, the
-    finish reason with ivonserve's consensus object, and usage if asked for."""
-
-    prefix = "chatcmpl"
-
-    def chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, **extra
-        )
-
-    def opening(self) -> list[ChatCompletionChunk]:
-        return [self.chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
-
-    def closing(self, outcome: Outcome) -> list[ChatCompletionChunk]:
-        text = ChatChunkChoice(delta=DeltaMessage(content=outcome.chosen.text))
-        end = ChatChunkChoice(delta=DeltaMessage(), finish_reason=outcome.winner.finish_reason)
-        chunks = [self.chunk([text]), self.chunk([end], ivonserve=consensus(outcome))]
-        if self.include_usage:
-            chunks.append(self.chunk([], usage=outcome.usage))
-        return chunks
-
-
-class CompletionStream(_OpenAIStream):
-    """OpenAI's completion chunks: the consensus text with its finish reason, then usage."""
-
-    prefix = "cmpl"
-
-    def closing(self, outcome: Outcome) -> list[CompletionResponse]:
-        choice = CompletionChoice(
-            text=outcome.chosen.text, finish_reason=outcome.winner.finish_reason
-        )
-        chunks = [
-            CompletionResponse(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=[choice],
-                ivonserve=consensus(outcome),
-            )
-        ]
-        if self.include_usage:
-            chunks.append(
-                CompletionResponse(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=outcome.usage,
-                )
-            )
-        return chunks
-
-
-def progress_event(candidates: list[Generated]) -> dict[str, Any]:
-    """One /generate progress event: a draw's candidates, as soon as that draw finished."""
-    return {
-        "type": "candidates",
-        "candidates": [
-            candidate_out(c, extract_answer(c.text), None).model_dump() for c in candidates
-        ],
-    }
-
-
-def result_event(outcome: Outcome) -> list[dict[str, Any]]:
-    return [{"type": "result", "result": generate_response(outcome).model_dump()}]
-
-
 # --- helpers --------------------------------------------------------------------------------
 def _select(fan: FanOut, selection: str, utility: str) -> mbr.Selection:
+    # the mean (draw None) is one hypothesis set of its own, like a draw
     candidates = [
-        mbr.Candidate(model=c.model or 0, text=c.text, logprob=c.logprob, tokens=c.tokens)
+        mbr.Candidate(draw=c.draw or 0, text=c.text, logprob=c.logprob, tokens=c.tokens)
         for c in fan.candidates
     ]
     try:
@@ -516,17 +370,28 @@ def _select(fan: FanOut, selection: str, utility: str) -> mbr.Selection:
         raise ApiError(422, f"selection: {err}", "selection") from err
 
 
-def _template_messages(messages: list) -> list[dict[str, str]]:
+def template_messages(messages: list) -> list[dict[str, str]]:
     return [m.as_template_message() for m in messages]
 
 
-def _render(engine: Engine, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+def render(engine: Engine, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+    """The chat template applied; a template that rejects the messages is the client's 422."""
     try:
         return engine.render(prompt, messages)
     except InvalidRequest:
         raise
     except Exception as err:  # a chat template that rejects these messages
         raise ApiError(422, f"messages: the chat template failed: {err}", "messages") from err
+
+
+def tokens_of(engine: Engine, prompt: str | list[int]) -> list[int]:
+    """A completions prompt as token ids: a text used as is, or ids checked against the vocab."""
+    if isinstance(prompt, str):
+        return engine.encode(prompt)
+    vocab = len(engine.tokenizer)
+    if any(t >= vocab for t in prompt):
+        raise ApiError(422, f"prompt: token ids are below the vocabulary size {vocab}", "prompt")
+    return list(prompt)
 
 
 def _sse(event: BaseModel | dict) -> bytes:

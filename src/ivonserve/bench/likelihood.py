@@ -1,0 +1,347 @@
+"""Likelihood of reference solutions under a running ivonserve: the posterior predictive of K
+draws against the mean adapter and against a plain (AdamW) adapter, through POST /score.
+
+For each question the reference solution (the GSM8k answer in the training format: no
+``<<calc>>`` notes, ``#### N`` turned into "The answer is N.") is scored given the question. One
+/score request per question and model asks for the largest K; since the predictive of K draws
+uses draws 0..K-1 of the pool, every smaller K is computed from the same per-draw
+log-likelihoods, and the mean adapter is one more request (K = 0). An adapter served with
+``--adapter`` has no posterior: its one arm is K = 0.
+
+Arms are (label, model, K); ``--label`` names a server configuration (a pruning or temperature
+setting), so several runs of differently configured servers add their arms to one results folder,
+and every pair of arms is compared on the same questions. One JSON line per (label, model, K
+request, question) goes to ``records.jsonl`` as soon as it is answered: a rerun skips finished
+work. Reported per arm: NLL per token (total NLL / total tokens) and per question, with bootstrap
+95% intervals over questions; per pair, the paired difference with its interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ivonserve.bench.common import (
+    RECORDS,
+    Question,
+    bootstrap_ci,
+    check_server,
+    load_questions,
+    load_records,
+    served_models,
+)
+from ivonserve.errors import IvonserveError
+from ivonserve.predictive import sequence_predictive
+
+DEFAULT_K = "0,1,2,4,8"
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    model: str
+    k: int  # 0: the mean adapter
+
+    @property
+    def name(self) -> str:
+        head = f"{self.label}/" if self.label else ""
+        return f"{head}{self.model} " + ("mean" if self.k == 0 else f"K={self.k}")
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise IvonserveError(f"--n-models: {text!r} is not a comma-separated list of K") from None
+    if not ks or ks[0] < 0:
+        raise IvonserveError(f"--n-models: {text!r} needs K >= 0 values")
+    return ks
+
+
+def _key(row: dict) -> tuple[str, str, int, int]:
+    return (row["label"], row["model"], row["n_models"], row["index"])
+
+
+async def score_all(
+    client: httpx.AsyncClient,
+    requests: list[tuple[str, str, int]],
+    questions: list[Question],
+    done: dict,
+    args: argparse.Namespace,
+    sink: Any,
+) -> None:
+    """Every (label, model, n_models) x question not yet in ``done``, ``concurrency`` at a time."""
+    from tqdm import tqdm
+
+    todo = [(r, q) for r in requests for q in questions if (*r, q.index) not in done]
+    semaphore = asyncio.Semaphore(args.concurrency)
+    bar = tqdm(total=len(todo), desc="scoring", unit="q", disable=args.no_progress)
+
+    async def one(request: tuple[str, str, int], question: Question) -> None:
+        label, model, n_models = request
+        body = {
+            "prompt": question.question,
+            "continuations": [question.solution],
+            "model": model,
+            "n_models": n_models,
+        }
+        async with semaphore:
+            response = await client.post("/score", json=body)
+        if response.status_code != 200:
+            raise IvonserveError(
+                f"{args.url}/score answered {response.status_code}: {response.text[:300]}"
+            )
+        (score,) = response.json()["scores"]
+        row = {"label": label, "model": model, "n_models": n_models, "index": question.index,
+               "tokens": score["tokens"], "draws": score["draws"]}  # fmt: skip
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        bar.update(1)
+
+    try:
+        await asyncio.gather(*(one(r, q) for r, q in todo))
+    finally:
+        bar.close()
+
+
+def arm_values(arm: Arm, records: dict, questions: list[Question]) -> tuple[np.ndarray, np.ndarray]:
+    """(log-likelihood, tokens) per question of one arm: the mean's record, or the predictive
+    of the first K draws of a record that holds at least K."""
+    held = {}
+    for (label, model, n, index), row in records.items():
+        if (label, model) == (arm.label, arm.model) and (n == 0) == (arm.k == 0) and n >= arm.k:
+            held[index] = row
+    missing = [q.index for q in questions if q.index not in held]
+    if missing:
+        raise IvonserveError(
+            f"arm {arm.name!r} has no record of question {missing[0]} in this folder: run it "
+            "again with the same --data, --holdout and --limit"
+        )
+    rows = [held[q.index] for q in questions]
+    logliks = [sequence_predictive(r["draws"][: max(arm.k, 1)]) for r in rows]
+    return np.array(logliks), np.array([r["tokens"] for r in rows], dtype=float)
+
+
+def summarise(arms: list[Arm], records: dict, questions: list[Question], seed: int) -> dict:
+    values = {arm.name: arm_values(arm, records, questions) for arm in arms}
+    return {
+        "arms": [_arm_row(arm, *values[arm.name], seed) for arm in arms],
+        "pairs": [
+            _pair_row(a, b, values[a.name], values[b.name], seed)
+            for i, a in enumerate(arms)
+            for b in arms[i + 1 :]
+        ],
+    }
+
+
+def _arm_row(arm: Arm, loglik: np.ndarray, tokens: np.ndarray, seed: int) -> dict:
+    return {
+        "arm": arm.name,
+        "label": arm.label,
+        "model": arm.model,
+        "k": arm.k,
+        "questions": int(loglik.size),
+        "tokens": int(tokens.sum()),
+        "nll_per_token": float(-loglik.sum() / tokens.sum()),
+        "nll_per_token_ci95": bootstrap_ci(-loglik, tokens, seed=seed),
+        "nll_per_question": float(-loglik.mean()),
+        "nll_per_question_ci95": bootstrap_ci(-loglik, seed=seed),
+    }
+
+
+def _pair_row(a: Arm, b: Arm, values_a: tuple, values_b: tuple, seed: int) -> dict:
+    """NLL(a) - NLL(b) on the same questions: negative means a is better."""
+    (loglik_a, tokens), (loglik_b, _) = values_a, values_b
+    diff = loglik_b - loglik_a
+    return {
+        "a": a.name,
+        "b": b.name,
+        "nll_per_token_diff": float(diff.sum() / tokens.sum()),
+        "nll_per_token_diff_ci95": bootstrap_ci(diff, tokens, seed=seed),
+        "a_better_share": float(np.mean(diff < 0)),
+    }
+
+
+def write_report(out: Path, results: dict) -> None:
+    lines = [
+        "# Likelihood of reference solutions with ivonserve",
+        "",
+        f"Server {results['url']}, data {results['data']}"
+        + (f" (the last {results['holdout']} rows)" if results["holdout"] else "")
+        + f", {results['questions']} questions. NLL in nats, bootstrap 95% intervals over "
+        "questions (2000 resamples).",
+        "",
+        "| arm | NLL / token | 95% CI | NLL / question | 95% CI |",
+        "|---|---|---|---|---|",
+    ]
+    for a in results["arms"]:
+        lo, hi = a["nll_per_token_ci95"]
+        qlo, qhi = a["nll_per_question_ci95"]
+        lines.append(
+            f"| {a['arm']} | {a['nll_per_token']:.4f} | [{lo:.4f}, {hi:.4f}] "
+            f"| {a['nll_per_question']:.2f} | [{qlo:.2f}, {qhi:.2f}] |"
+        )
+    lines += [
+        "",
+        "Paired differences on the same questions, NLL(a) - NLL(b) per token (negative: a is "
+        "better); `a better` is the share of questions where a's NLL is lower.",
+        "",
+        "| a | b | diff / token | 95% CI | a better |",
+        "|---|---|---|---|---|",
+    ]
+    for p in results["pairs"]:
+        lo, hi = p["nll_per_token_diff_ci95"]
+        lines.append(
+            f"| {p['a']} | {p['b']} | {p['nll_per_token_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] "
+            f"| {p['a_better_share']:.2f} |"
+        )
+    lines += ["", "Plot: `nll.png` (NLL per token against K, one line per label and model).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def write_plot(out: Path, arms: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for a in arms:
+        series.setdefault((a["label"], a["model"]), []).append(a)
+    for (label, model), points in series.items():
+        name = f"{label}/{model}" if label else model
+        drawn = [p for p in points if p["k"] > 0]
+        mean = next((p for p in points if p["k"] == 0), None)
+        if drawn:
+            ks = [p["k"] for p in drawn]
+            nll = [p["nll_per_token"] for p in drawn]
+            err = [
+                [v - p["nll_per_token_ci95"][0] for v, p in zip(nll, drawn, strict=True)],
+                [p["nll_per_token_ci95"][1] - v for v, p in zip(nll, drawn, strict=True)],
+            ]
+            line = axis.errorbar(ks, nll, yerr=err, marker="o", capsize=3, label=f"{name} K draws")
+            color = line[0].get_color()
+        else:
+            color = None
+        if mean is not None:
+            axis.axhline(mean["nll_per_token"], linestyle="--", color=color,
+                         label=f"{name} mean adapter")  # fmt: skip
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("K (posterior draws averaged)")
+    axis.set_ylabel("NLL per token (nats, 95% CI)")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "nll.png", dpi=120)
+    plt.close(fig)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    questions = load_questions(Path(args.data), args.limit, args.holdout)
+    ks = parse_ks(args.n_models)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with httpx.AsyncClient(base_url=args.url, timeout=timeout, headers=headers) as client:
+        await check_server(client, args.url)
+        served = await served_models(client)
+        models = args.model or [next(name for name, card in served.items() if card["default"])]
+        unknown = [m for m in models if m not in served]
+        if unknown:
+            raise IvonserveError(
+                f"--model {unknown[0]!r}: not served by {args.url} (it serves {', '.join(served)})"
+            )
+        requests, new_arms = [], []
+        for model in models:
+            card = served[model]
+            model_ks = [0] if card["kind"] == "adapter" else ks
+            if max(model_ks) > card["pool_size"]:
+                raise IvonserveError(
+                    f"--n-models {max(model_ks)}: {model!r} has a pool of {card['pool_size']}"
+                )
+            requests += [(args.label, model, k) for k in sorted({0, max(model_ks)} & {*model_ks})]
+            new_arms += [Arm(args.label, model, k) for k in model_ks]
+        done = load_records(out / RECORDS, _key)
+        began = time.perf_counter()
+        with (out / RECORDS).open("a") as sink:
+            await score_all(client, requests, questions, done, args, sink)
+        seconds = time.perf_counter() - began
+    results = _update_results(out, args, questions, new_arms, served, models, seconds)
+    write_report(out, results)
+    write_plot(out, results["arms"])
+    return results
+
+
+def _update_results(
+    out: Path,
+    args: argparse.Namespace,
+    questions: list[Question],
+    new_arms: list[Arm],
+    served: dict,
+    models: list[str],
+    seconds: float,
+) -> dict:
+    """results.json over every arm recorded in this folder (earlier runs' labels included)."""
+    path = out / "results.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    arms = [Arm(a["label"], a["model"], a["k"]) for a in previous.get("arms", [])]
+    arms += [a for a in new_arms if a not in arms]
+    configs = previous.get("servers", {})
+    config = configs.setdefault(args.label or "-", {"url": args.url, "models": {}, "seconds": 0})
+    config["models"].update({m: served[m] for m in models})
+    config["seconds"] = round(config["seconds"] + seconds, 1)
+    records = load_records(out / RECORDS, _key)
+    results = {
+        "url": args.url,
+        "data": str(args.data),
+        "holdout": args.holdout,
+        "questions": len(questions),
+        "servers": configs,
+        **summarise(arms, records, questions, args.seed),
+    }
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure")
+    parser.add_argument("--data", required=True, help="GSM8k-format jsonl (e.g. test.jsonl)")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="only the last N rows: the validation slice `train --holdout N` "
+                        "kept out of training")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="the first N questions only")
+    parser.add_argument("--model", action="append",
+                        help="a served posterior or adapter; repeat to compare several "
+                        "(default: the server's default)")  # fmt: skip
+    parser.add_argument(
+        "--n-models",
+        default=DEFAULT_K,
+        help=f"the K to compare, 0 = the mean adapter (default {DEFAULT_K})",
+    )
+    parser.add_argument("--label", default="",
+                        help="names this server's configuration; arms of other labels already "
+                        "in --out are kept and compared")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=2, help="requests in flight")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap resamples")
+    parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
+    parser.add_argument("--out", default="bench/results/likelihood", help="results folder")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    results = asyncio.run(run(args))
+    for a in results["arms"]:
+        lo, hi = a["nll_per_token_ci95"]
+        print(f"{a['arm']:>32}: NLL/token {a['nll_per_token']:.4f} [{lo:.4f}, {hi:.4f}]")
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0

@@ -1,0 +1,127 @@
+"""The grouped LoRA ops equal vLLM's CPU ops (vllm/lora/ops/torch_ops) on random inputs, except
+for tokens without an adapter (index -1): vLLM gives them the last slot's weights (the upstream
+bug), the grouped ops leave them untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.lora.ops import torch_ops
+
+from ivonserve.vllm_plugin import lora_ops
+
+lora_ops._register_ops()
+
+SLOTS, RANK, HIDDEN = 5, 8, 96
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# (tokens, what the indices look like)
+CASES = [
+    (1, "one"),
+    (7, "mixed"),
+    (64, "mixed"),
+    (300, "mixed"),
+    (40, "with_base"),
+    (40, "all_base"),
+    (33, "single_adapter"),
+]
+
+
+def _indices(tokens: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    if kind == "all_base":
+        return torch.full((tokens,), -1)
+    if kind == "single_adapter":
+        return torch.full((tokens,), 2)
+    low = -1 if kind == "with_base" else 0
+    return torch.randint(low, SLOTS, (tokens,), generator=generator)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "kind"), CASES)
+def test_shrink_equals_vllm(dtype, tokens, kind):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype)
+    idx = _indices(tokens, kind, g)
+    want = torch.zeros(tokens, RANK, dtype=torch.float32)  # vLLM's shrink buffer is float32
+    got = torch.zeros_like(want)
+    torch_ops.bgmv_shrink(x, a, want, idx, 0.5)
+    lora_ops.bgmv_shrink(x, a, got, idx, 0.5)
+    present = idx >= 0
+    _close(got[present], want[present], dtype)
+    assert torch.all(got[~present] == 0)  # untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "kind"), CASES)
+@pytest.mark.parametrize("add", [True, False])
+def test_expand_and_expand_slice_equal_vllm(dtype, tokens, kind, add):
+    g = torch.Generator().manual_seed(tokens + 1)
+    x = torch.randn(tokens, RANK, generator=g)  # the float32 shrink buffer
+    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g).to(dtype)
+    start = torch.randn(tokens, 3 * HIDDEN, generator=g).to(dtype)
+    idx = _indices(tokens, kind, g)
+    present = idx >= 0
+    # the whole output (bgmv_expand) and one slice of a fused output (bgmv_expand_slice)
+    want, got = start.clone(), start.clone()
+    torch_ops.bgmv_expand(x, b, want, idx, add)
+    lora_ops.bgmv_expand(x, b, got, idx, add)
+    _close(got[present], want[present], dtype)
+    assert torch.equal(got[~present], start[~present])
+    want, got = start.clone(), start.clone()
+    torch_ops.bgmv_expand_slice(x, b, want, idx, HIDDEN, HIDDEN, add)
+    lora_ops.bgmv_expand_slice(x, b, got, idx, HIDDEN, HIDDEN, add)
+    _close(got[present], want[present], dtype)
+    assert torch.equal(got[~present], start[~present])
+    assert torch.equal(got[:, :HIDDEN], start[:, :HIDDEN])  # outside the slice: untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_forms_repeat_each_sequences_adapter_over_its_tokens(dtype):
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([5, 1, 17, 9])
+    per_sequence = torch.tensor([3, -1, 0, 3])
+    tokens = int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    meta = (starts, lengths, per_sequence, len(lengths), int(lengths.max()), tokens)
+    x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype)
+    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g).to(dtype)
+    present = torch.repeat_interleave(per_sequence, lengths) >= 0
+    want = torch.zeros(tokens, RANK)
+    got = torch.zeros(tokens, RANK)
+    torch_ops.sgmv_shrink(x, a, want, *meta, 1.0)
+    lora_ops.sgmv_shrink(x, a, got, *meta, 1.0)
+    _close(got[present], want[present], dtype)
+    out_want = torch.zeros(tokens, 2 * HIDDEN, dtype=dtype)
+    out_got = out_want.clone()
+    torch_ops.sgmv_expand(got, b, out_want, *meta, True)
+    lora_ops.sgmv_expand(got, b, out_got, *meta, True)
+    _close(out_got[present], out_want[present], dtype)
+    torch_ops.sgmv_expand_slice(got, b, out_want, *meta, HIDDEN, HIDDEN, True)
+    lora_ops.sgmv_expand_slice(got, b, out_got, *meta, HIDDEN, HIDDEN, True)
+    _close(out_got[present], out_want[present], dtype)
+    assert torch.all(out_got[~present] == 0)
+
+
+def test_a_tokens_result_does_not_depend_on_how_many_tokens_share_its_adapter():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, RANK, generator=g)
+    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g)
+    alone = torch.zeros(1, HIDDEN)
+    lora_ops.bgmv_expand(x[:1], b, alone, torch.tensor([1]), True)
+    crowd = torch.zeros(40, HIDDEN)
+    lora_ops.bgmv_expand(x, b, crowd, torch.ones(40, dtype=torch.long), True)
+    assert torch.equal(alone[0], crowd[0])  # bit for bit: seeds reproduce under any batch
+
+
+def test_groups_skip_the_base_tokens():
+    groups = lora_ops.adapter_groups(torch.tensor([2, -1, 0, 2, -1]))
+    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2]), (2, [0, 3])]
+    assert lora_ops.adapter_groups(torch.tensor([4, 4])) == [(4, None)]
+    assert lora_ops.adapter_groups(torch.tensor([-1, -1])) == []
+    assert lora_ops.adapter_groups(torch.tensor([], dtype=torch.long)) == []

@@ -1,0 +1,126 @@
+"""Two replicas on a real local Ray cluster (`ivonserve serve-ray`, Ray Serve, the tiny model):
+requests spread over both, a seed gives the same answer on either, and a replica killed mid-
+request costs its in-flight requests a clear error, no hang, while Ray replaces it."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, stop_live_servers
+
+PROMPT = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
+REPLICA = "x-ivonserve-replica"
+
+
+def _command(script: str) -> list[str]:
+    path = Path(sys.executable).parent / "ivonserve"
+    return [str(path), script] if path.is_file() else [sys.executable, "-m", "ivonserve", script]
+
+
+def _wait_running(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+    """Until serve-ray says the application runs (every replica up), and /ready answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve-ray exited ({proc.returncode}): {log.read_text()[-3000:]}")
+        if f"ivonserve on Ray Serve: {url}" in log.read_text():
+            assert httpx.get(f"{url}/ready", timeout=30).status_code == 200
+            return
+        time.sleep(1)
+    pytest.fail(f"not running after {timeout} s: {log.read_text()[-3000:]}")
+
+
+def _pid(replica: str) -> int:
+    return int(replica.rsplit("pid ", 1)[1])
+
+
+@pytest.mark.e2e
+def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_model,
+                                                                 tiny_posterior):  # fmt: skip
+    stop_live_servers()  # no other vLLM engine beside the replicas'
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve-ray.log"
+    command = [*_command("serve-ray"), "--replicas", "2", "--num-cpus", "1",
+               "--model", str(tiny_model), "--posterior", f"tiny={tiny_posterior}",
+               "--pool-size", "2", "--dtype", "float32", "--enforce-eager", "--port", str(port),
+               "--log-level", "warning"]  # fmt: skip
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        began = time.monotonic()
+        _wait_running(url, proc, log)
+        startup = time.monotonic() - began
+        body = {"prompt": PROMPT, "n_models": 2, "n_samples": 2, "max_tokens": 12, "seed": 5,
+                "return_candidates": True}  # fmt: skip
+        answers: dict[str, list[dict]] = collections.defaultdict(list)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for _ in range(16):
+                answer = client.post("/generate", json=body)
+                assert answer.status_code == 200, answer.text
+                answers[answer.headers[REPLICA]].append(answer.json())
+        assert len(answers) == 2, dict(answers)  # spread over both replicas
+        assert all(len(a) >= 2 for a in answers.values())
+        first, second = (a[0] for a in answers.values())
+        for key in ("text", "answer", "confidence", "chosen_model", "chosen_sample"):
+            assert first[key] == second[key], key  # the same pool on every replica
+        assert [c["text"] for c in first["candidates"]] == [c["text"] for c in second["candidates"]]
+
+        # kill one replica while requests are in flight on both
+        victim = next(iter(answers))
+        results: list[httpx.Response | Exception] = []
+        long = {"prompt": PROMPT, "n_models": 2, "n_samples": 4, "max_tokens": 400,
+                "ignore_eos": True, "temperature": 1.0}  # fmt: skip
+
+        def call() -> None:
+            try:
+                results.append(httpx.post(f"{url}/generate", json=long, timeout=180))
+            except httpx.HTTPError as err:
+                results.append(err)
+
+        threads = [threading.Thread(target=call, daemon=True) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        os.kill(_pid(victim), signal.SIGKILL)
+        for thread in threads:
+            thread.join(200)
+        assert len(results) == 8, "a request hung"
+        codes = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in results]
+        lost = [r for r in results if isinstance(r, httpx.Response) and r.status_code != 200]
+        assert lost, codes  # some were on the killed replica
+        for answer in lost:
+            assert answer.status_code == 503, codes
+            error = answer.json()["error"]
+            assert "replica serving this request was lost" in error["message"], error
+            assert answer.headers["retry-after"]
+        # later requests succeed, and Ray brings a replacement up
+        seen: set[str] = set()
+        deadline = time.monotonic() + 600
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while time.monotonic() < deadline and len(seen - {victim}) < 2:
+                answer = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2})
+                assert answer.status_code == 200, answer.text
+                seen.add(answer.headers[REPLICA])
+                time.sleep(0.5)
+        assert victim not in seen and len(seen) == 2, seen
+        print(f"ray serve: 2 replicas ready after {startup:.0f} s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code == 0, log.read_text()[-3000:]
