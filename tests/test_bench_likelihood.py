@@ -65,9 +65,9 @@ def test_arms_come_from_the_records(live, data, tmp_path):
         low, high = arm["nll_per_token_ci95"]
         assert low <= arm["nll_per_token"] <= high
     assert len(results["pairs"]) == 10  # every two of five arms
-    pair = next(p for p in results["pairs"] if (p["a"], p["b"]) == ("tiny K=4", "tiny mean"))
+    pair = next(p for p in results["pairs"] if (p["a"], p["b"]) == ("tiny mean", "tiny K=4"))
     by_name = {a["arm"]: a for a in results["arms"]}
-    expected = by_name["tiny K=4"]["nll_per_token"] - by_name["tiny mean"]["nll_per_token"]
+    expected = by_name["tiny mean"]["nll_per_token"] - by_name["tiny K=4"]["nll_per_token"]
     assert pair["nll_per_token_diff"] == pytest.approx(expected)
     for name in ("report.md", "nll.png"):
         assert (out / name).stat().st_size > 0

@@ -92,7 +92,7 @@ def bootstrap_ci(
     resamples: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-) -> tuple[float, float]:
+) -> list[float]:
     """Percentile interval of sum(numerator) / sum(denominator) (the mean when no denominator)
     over questions resampled with replacement. One seed draws the same resamples for every
     statistic, so statistics of the same questions stay paired."""
@@ -102,4 +102,4 @@ def bootstrap_ci(
     picks = rng.integers(0, numerator.size, (resamples, numerator.size))
     values = numerator[picks].sum(axis=1) / denominator[picks].sum(axis=1)
     tail = (1 - level) / 2 * 100
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]

@@ -165,10 +165,10 @@ def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scal
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    # vLLM writes the columns adapter and output share (their padding may differ)
     common = min(_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
-    torch.ops.ivonserve.lora_expand(
-        inputs, lora_b_weights, output_tensor, lora_indices_tensor, None, 0, common, add_inputs
-    )
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, common,
+                      add_inputs)  # fmt: skip
 
 
 def bgmv_expand_slice(
@@ -222,16 +222,9 @@ def sgmv_expand(
     add_inputs=False,
 ):
     common = min(_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
-    torch.ops.ivonserve.lora_expand(
-        inputs,
-        lora_b_weights,
-        output_tensor,
-        lora_indices_tensor,
-        seq_len_tensor,
-        0,
-        common,
-        add_inputs,
-    )
+    sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
+                      lora_indices_tensor, batches, max_seq_length, token_nums, 0, common,
+                      add_inputs)  # fmt: skip
 
 
 def sgmv_expand_slice(
