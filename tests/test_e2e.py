@@ -69,7 +69,6 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
         "--posterior", f"smollm2-135m-gsm8k={posterior}",
         "--pool-size", "2",
         "--port", str(port),
-        "--enforce-eager",
         "--max-model-len", "1024",
         "--log-level", "warning",
     ]  # fmt: skip
@@ -134,6 +133,17 @@ def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_ser
         f"{result['timing']['total_s']:.2f} s; answer {result['answer']!r}, "
         f"confidence {result['confidence']:.2f}"
     )
+
+
+def test_the_product_defaults_run_compiled_bf16_with_the_plugin_in_vllms_worker(smollm2_server):
+    """The server as a user starts it (torch.compile, the CPU's default dtype, the grouped LoRA
+    kernel): /ready reports what the plugin applied inside vLLM's worker process."""
+    url, _, proc = smollm2_server
+    ready = httpx.get(f"{url}/ready", timeout=30).json()
+    (plugin,) = ready["vllm_plugin"]
+    assert plugin["pid"] != proc.pid and plugin["seeds"] == "rewind-by-state"
+    assert plugin["lora_kernel"] == "grouped" and plugin["grouped_lora_calls"] > 0
+    assert set(ready["startup_phases_s"]) >= {"tokenizer", "pool", "vllm", "register", "warm_up"}
 
 
 def test_openai_client_on_smollm2(smollm2_server):

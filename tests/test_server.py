@@ -42,6 +42,11 @@ def test_health_ready_and_models(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    phases = ready.json()["startup_phases_s"]
+    assert list(phases) == ["tokenizer", "pool", "vllm", "register", "warm_up", "total"]
+    assert all(v >= 0 for v in phases.values())
+    assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"),
+                                            abs=0.01)  # fmt: skip
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
     card, adapter = models["data"]

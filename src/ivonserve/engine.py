@@ -212,6 +212,7 @@ class Engine:
         self._ready = False
         self._started = False
         self.aborted_requests = 0  # engine requests aborted because their caller went away
+        self.plugin: list[dict[str, Any]] = []  # what vllm_plugin applied in each worker
 
     # --- life cycle -----------------------------------------------------------------------------
     @classmethod
@@ -227,9 +228,7 @@ class Engine:
 
     async def _start(self) -> None:
         phases = self.startup_seconds
-        began = time.perf_counter()
         prepared = await asyncio.to_thread(self._prepare)
-        phases["pool"] = time.perf_counter() - began
         began = time.perf_counter()
         self.llm = await asyncio.to_thread(self._build_llm, prepared)
         phases["vllm"] = time.perf_counter() - began
@@ -243,15 +242,20 @@ class Engine:
         await self._warm_up()
         phases["warm_up"] = time.perf_counter() - began
         phases["total"] = sum(phases.values())
+        self.plugin = await self.plugin_status()
         self._ready = self._started = True
         logger.info(
             "engine ready: %s (%s)",
             ", ".join(f"pool {p.name!r} of {len(p.draw_dirs)} draws + mean" for p in prepared),
             ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
         )
+        logger.info("ivonserve's vLLM plugin in vLLM's workers: %s", self.plugin)
 
     def _prepare(self) -> list[PreparedPool]:
-        """Blocking: the base model folder and tokenizer, then every pool written to tmpfs."""
+        """Blocking: the base model folder and tokenizer, then every pool written to tmpfs.
+        Phases: ``tokenizer`` (importing transformers included), ``pool`` (each posterior
+        loaded and checked, its K draws made and written)."""
+        began = time.perf_counter()
         from transformers import AutoTokenizer
 
         from ivonserve.model import resolve_model
@@ -259,13 +263,17 @@ class Engine:
         c = self.config
         self.model_dir = resolve_model(c.model, c.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.startup_seconds["tokenizer"] = time.perf_counter() - began
+        began = time.perf_counter()
         self._workdir = tmpfs_dir()
         # shutdown() deletes it; this catches an interpreter exit that skipped shutdown
         atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
-        return [
+        pools = [
             prepare_pool(spec, self.model_dir, c.sampler, c.pool_size, c.pool_seed, self._workdir)
             for spec in c.posteriors
         ]
+        self.startup_seconds["pool"] = time.perf_counter() - began
+        return pools
 
     def lora_kernel(self, on_cpu: bool) -> str:
         """The LoRA kernel vLLM runs: ivonserve's grouped ops exist for the CPU backend only."""

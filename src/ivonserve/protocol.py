@@ -517,3 +517,11 @@ class Readiness(_Response):
     status: Literal["ready", "starting", "failed", "draining", "stopped"]
     detail: str | None = None
     startup_s: float | None = None
+    startup_phases_s: dict[str, float] | None = Field(
+        None,
+        description="seconds of each start-up phase: tokenizer, pool (posteriors loaded, "
+        "draws written), vllm (engine start), register (adapters added), warm_up, total",
+    )
+    vllm_plugin: list[dict[str, Any]] | None = Field(
+        None, description="what ivonserve's vLLM plugin applied in each vLLM worker, at start-up"
+    )

@@ -108,7 +108,13 @@ class EngineState:
         if self.draining:
             return Readiness(status="draining", detail="shutting down: finishing in-flight work")
         if self.engine is not None and self.engine.ready:
-            return Readiness(status="ready", startup_s=self.startup_s)
+            phases = {k: round(v, 3) for k, v in self.engine.startup_seconds.items()}
+            return Readiness(
+                status="ready",
+                startup_s=self.startup_s,
+                startup_phases_s=phases,
+                vllm_plugin=self.engine.plugin,
+            )
         if self.stopped or self.engine is not None:
             return Readiness(status="stopped", detail="the engine is not running")
         return Readiness(
