@@ -217,8 +217,9 @@ def write_plot(out: Path, arms: list[dict]) -> None:
     series: dict[tuple[str, str], list[dict]] = {}
     for a in arms:
         series.setdefault((a["label"], a["model"]), []).append(a)
-    for (label, model), points in series.items():
+    for i, ((label, model), points) in enumerate(series.items()):
         name = f"{label}/{model}" if label else model
+        color = f"C{i % 10}"
         drawn = [p for p in points if p["k"] > 0]
         mean = next((p for p in points if p["k"] == 0), None)
         if drawn:
@@ -228,10 +229,8 @@ def write_plot(out: Path, arms: list[dict]) -> None:
                 [v - p["nll_per_token_ci95"][0] for v, p in zip(nll, drawn, strict=True)],
                 [p["nll_per_token_ci95"][1] - v for v, p in zip(nll, drawn, strict=True)],
             ]
-            line = axis.errorbar(ks, nll, yerr=err, marker="o", capsize=3, label=f"{name} K draws")
-            color = line[0].get_color()
-        else:
-            color = None
+            axis.errorbar(ks, nll, yerr=err, marker="o", capsize=3, color=color,
+                          label=f"{name} K draws")  # fmt: skip
         if mean is not None:
             axis.axhline(mean["nll_per_token"], linestyle="--", color=color,
                          label=f"{name} mean adapter")  # fmt: skip
