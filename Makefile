@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(notdir $(LOCK))
 # local wheel folder (PIP_FIND_LINKS), as on machines with no access to that index.
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup serve serve-ray test test-fast lint format lock bench-mbr bench-fanout bench-overhead bench-soak clean
+.PHONY: setup serve serve-ray test test-fast lint format lock bench-mbr bench-fanout bench-overhead bench-soak bench-replicas bench-payoff bench-tts bench-vllm-client clean
 
 setup: $(STAMP)
 
@@ -66,10 +66,23 @@ bench-fanout: setup
 bench-overhead: setup
 	$(BIN)/python bench/overhead.py --out bench/results
 
+bench-replicas: setup
+	$(BIN)/python bench/replicas.py --out bench/results
+
+# The likelihood ablations (README: Does it pay off?) and the test-time-scaling runs; hours.
+bench-payoff: setup
+	bash bench/payoff.sh validation && bash bench/payoff.sh test
+
+bench-tts: setup
+	bash bench/tts.sh
+
 # Against a running server: make bench-soak URL=http://127.0.0.1:8000 [ARGS="--server-pid PID"]
 URL ?= http://127.0.0.1:8000
 bench-soak: setup
 	$(BIN)/python bench/soak.py --url $(URL) --out bench/results/soak $(ARGS)
+
+bench-vllm-client: setup
+	bash bench/vllm_client.sh $(URL)
 
 clean:
 	rm -rf $(VENV)
