@@ -60,6 +60,22 @@ class Arm:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.resume()
 
+    async def stop(self) -> None:
+        """Close the engine, then end whatever of its processes outlived that (vllm.LLM has no
+        shutdown of its own), so the next dtype's engines start on a machine without it."""
+        self.thaw()
+        result = self.close() if self.close else None
+        if asyncio.iscoroutine(result):
+            await result
+        alive = [p for p in self.processes if p.is_running()]
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=30)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
 
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
@@ -263,7 +279,7 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
 
         return run
 
-    await add("v_plain-vllm", make_plain, "vllm", plain_arm, lambda made: None)
+    await add("v_plain-vllm", make_plain, "vllm", plain_arm, lambda made: None)  # Arm.stop ends it
 
     peft = None if args.skip_peft else peft_loop(model_dir, draw_dirs, dtype, s)
     results: dict[str, Any] = {"startup_s": {n: a.startup_s for n, a in arms.items()}}
@@ -291,15 +307,13 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
             n = await asyncio.to_thread(peft, w["ids"], short)
             rates["d_peft"] = [n / (time.perf_counter() - began)]
         results[wname] = {
+            "prompt_tokens": [len(ids) for ids in w["ids"]],
             "tokens_per_round": tokens,
             "tokens_per_s": {n: spread(v) for n, v in rates.items()},
             "ratios": _ratios(rates),
         }
     for arm in arms.values():
-        arm.thaw()
-        result = arm.close()
-        if asyncio.iscoroutine(result):
-            await result
+        await arm.stop()
     return results
 
 
@@ -331,7 +345,7 @@ async def startup(args: argparse.Namespace) -> list[dict[str, Any]]:
         engine = await ivonserve_engine(args, args.dtypes[-1], size, "grouped")
         seconds = time.perf_counter() - began
         rss = rss_of_children()
-        rows.append({"pool_size": size, "rss_gib": rss / (1 << 30),
+        rows.append({"pool_size": size, "dtype": args.dtypes[-1], "rss_gib": rss / (1 << 30),
                      "rss_added_gib": (rss - before) / (1 << 30), "startup_s": seconds,
                      **{f"{k}_s": v for k, v in engine.startup_seconds.items()}})  # fmt: skip
         await engine.shutdown()
@@ -372,7 +386,9 @@ def write(out: Path, result: dict[str, Any]) -> None:
     for dtype, per in result["dtypes"].items():
         for wname in ("decode", "prefill"):
             w = per[wname]
-            lines += ["", f"## {dtype}, {wname}-heavy", "", "| arm | tok/s median | min | max |",
+            lines += ["", f"## {dtype}, {wname}-heavy", "",
+                      f"Prompt tokens {w['prompt_tokens']}, generated tokens a round "
+                      f"{w['tokens_per_round']}.", "", "| arm | tok/s median | min | max |",
                       "|---|---|---|---|"]  # fmt: skip
             for name, v in w["tokens_per_s"].items():
                 lines.append(f"| {name} | {v['median']:.0f} | {v['min']:.0f} | {v['max']:.0f} |")
@@ -388,11 +404,12 @@ def write(out: Path, result: dict[str, Any]) -> None:
         ]
     if result.get("startup"):
         lines += ["", "## ivonserve start-up by pool size", "",
-                  "| pool size | RSS GiB | pool s | vllm s | register s | warm_up s | total s |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| pool size | dtype | RSS GiB | tokenizer s | pool s | vllm s | register s "
+                  "| warm_up s | total s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in result["startup"]:
             lines.append(
-                f"| {row['pool_size']} | {row['rss_gib']:.2f} | {row['pool_s']:.2f} "
+                f"| {row['pool_size']} | {row['dtype']} | {row['rss_gib']:.2f} "
+                f"| {row['tokenizer_s']:.2f} | {row['pool_s']:.2f} "
                 f"| {row['vllm_s']:.1f} | {row['register_s']:.2f} | {row['warm_up_s']:.1f} "
                 f"| {row['total_s']:.1f} |"
             )
@@ -412,7 +429,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="S")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prefill-words", type=int, default=400, help="about 1.3 tokens a word")
+    parser.add_argument("--prefill-words", type=int, default=420, help="about 1.3 tokens a word")
     parser.add_argument("--prefill-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true")

@@ -127,7 +127,7 @@ def perturb(problem: dict, rng: random.Random) -> str:
 
 def make_candidates(problems: list[dict], n: int, seed: int) -> list[Candidate]:
     """n distinct completions of one problem, spread over about sqrt(n) posterior draws."""
-    n_models = max(2, math.isqrt(n))
+    n_draws = max(2, math.isqrt(n))
     rng = random.Random(seed)
     problem = problems[rng.randrange(len(problems))]
     while len(_base_steps(problem)[0]) < 3:
@@ -140,7 +140,7 @@ def make_candidates(problems: list[dict], n: int, seed: int) -> list[Candidate]:
             continue
         seen.add(text)
         tokens = len(text.split()) * 4 // 3
-        cands.append(Candidate(len(cands) % n_models, text, -0.3 * tokens * rng.random(), tokens))
+        cands.append(Candidate(len(cands) % n_draws, text, -0.3 * tokens * rng.random(), tokens))
     return cands
 
 
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loop_repeats": len(slow),
                 "speedup_min": min(slow) / min(fast),
                 "speedup_median": statistics.median(slow) / statistics.median(fast),
-                "n_models": len({c.model for c in cands}),
+                "n_draws": len({c.draw for c in cands}),
                 "scores_max_abs_diff": diff,
                 "same_choice": bool(same_pick),
             }

@@ -136,7 +136,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     settings = settings_for(args, port)
     began = time.perf_counter()
-    engine = await Engine.start(settings)
+    engine = await Engine.start(settings.engine_config())
     engine_s = time.perf_counter() - began
     print(f"engine started in {engine_s:.1f} s", flush=True)
     app = create_app(settings, engine=engine)

@@ -16,7 +16,7 @@ import yaml
 from kubernetes.client import ApiClient
 
 from ivonserve.config import Settings, repo_root
-from ivonserve.ray_serve import REPLICA_KEYS
+from ivonserve.ray_serve import PROXY_CALLBACK, PROXY_CALLBACK_ENV, REPLICA_KEYS
 
 DEPLOY = repo_root() / "deploy"
 MODELS = {
@@ -148,5 +148,11 @@ def test_the_rayservice_fits_kuberay_kubernetes_and_ivonserve():
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())
     for worker in cluster["workerGroupSpecs"]:
         assert worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
+    # every node runs a Serve proxy: each needs ivonserve's proxy middleware (a lost replica
+    # answers an OpenAI-shaped 503, not Ray's bare 500)
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get(PROXY_CALLBACK_ENV) == PROXY_CALLBACK, container["name"]
     _check_serve_config(yaml.safe_load(service["spec"]["serveConfigV2"]))
     assert re.fullmatch(r"[a-z0-9-]+", service["metadata"]["name"])

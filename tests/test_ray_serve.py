@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import free_port, stop_live_servers
 
@@ -77,8 +78,13 @@ def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_m
             assert first[key] == second[key], key  # the same pool on every replica
         assert [c["text"] for c in first["candidates"]] == [c["text"] for c in second["candidates"]]
 
-        # kill one replica while requests are in flight on both
+        # kill one replica while requests are in flight on both: its vLLM engine is frozen
+        # first, so whatever the router gives it is still running when the kill lands
         victim = next(iter(answers))
+        engine_processes = psutil.Process(_pid(victim)).children(recursive=True)
+        assert engine_processes, "the replica's vLLM engine processes"
+        for process in engine_processes:
+            process.suspend()
         results: list[httpx.Response | Exception] = []
         long = {"prompt": PROMPT, "n_models": 2, "n_samples": 4, "max_tokens": 400,
                 "ignore_eos": True, "temperature": 1.0}  # fmt: skip
@@ -92,8 +98,10 @@ def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_m
         threads = [threading.Thread(target=call, daemon=True) for _ in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(3)
-        os.kill(_pid(victim), signal.SIGKILL)
+        time.sleep(5)
+        os.kill(_pid(victim), signal.SIGKILL)  # the replica and its engine: a lost machine
+        for process in engine_processes:
+            process.kill()
         for thread in threads:
             thread.join(200)
         assert len(results) == 8, "a request hung"
@@ -105,17 +113,27 @@ def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_m
             error = answer.json()["error"]
             assert "replica serving this request was lost" in error["message"], error
             assert answer.headers["retry-after"]
-        # later requests succeed, and Ray brings a replacement up
+        # later requests succeed (a 503 only while the router still knows the dead replica),
+        # and Ray brings a replacement up
         seen: set[str] = set()
+        refused = 0
         deadline = time.monotonic() + 600
         with httpx.Client(base_url=url, timeout=120) as client:
             while time.monotonic() < deadline and len(seen - {victim}) < 2:
                 answer = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2})
+                if answer.status_code == 503:
+                    assert "replica serving this request was lost" in answer.text, answer.text
+                    refused += 1
+                    continue
                 assert answer.status_code == 200, answer.text
                 seen.add(answer.headers[REPLICA])
                 time.sleep(0.5)
         assert victim not in seen and len(seen) == 2, seen
-        print(f"ray serve: 2 replicas ready after {startup:.0f} s")
+        assert refused <= 5, refused  # the controller notices a dead replica in seconds
+        print(
+            f"ray serve: 2 replicas ready after {startup:.0f} s; kill: {codes}, then "
+            f"{refused} refused before the survivor and the replacement answered"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -322,3 +322,13 @@ def test_vllm_sampling_extensions_apply_to_every_draw(client, engine):
         answer = client.post("/generate", json={**base, **body})
         assert answer.status_code == 422, (body, answer.text)
         assert field in answer.json()["error"]["message"], answer.text
+    # OpenAI's routes take the same extensions (vLLM's benchmark client sends repetition_penalty)
+    raw = {"prompt": PROMPT, "max_tokens": 8, "seed": 3, "n_models": 2, "n_samples": 2,
+           "return_candidates": True, "ignore_eos": True}  # fmt: skip
+    answer = client.post("/v1/completions", json={**raw, "temperature": 0})
+    greedy = [c["text"] for c in answer.json()["ivonserve"]["candidates"]]
+    answer = client.post("/v1/completions", json={**raw, "top_k": 1, "repetition_penalty": 1.0})
+    assert answer.status_code == 200, answer.text
+    assert [c["text"] for c in answer.json()["ivonserve"]["candidates"]] == greedy
+    answer = client.post("/v1/completions", json={**raw, "best_of": 2})
+    assert answer.status_code == 422 and "best_of" in answer.json()["error"]["message"]

@@ -7,6 +7,7 @@ reusing a name with a new id would reuse the old adapter's KV cache. The folders
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -87,9 +88,10 @@ def prepare_pool(
     from ivonserve.posterior import load_served
     from ivonserve.sampler import Sampler
 
-    posterior = load_served(spec.path, spec.kind, model_dir)
-    sampler = Sampler(posterior, sampler_config)
-    mean_dir, draw_dirs = sampler.write_pool(size, seed, workdir / spec.name)
+    with _one_torch_thread():
+        posterior = load_served(spec.path, spec.kind, model_dir)
+        sampler = Sampler(posterior, sampler_config)
+        mean_dir, draw_dirs = sampler.write_pool(size, seed, workdir / spec.name)
     return PreparedPool(
         name=spec.name,
         posterior_dir=spec.path,
@@ -107,6 +109,21 @@ def prepare_pool(
             "prune_by": sampler_config.prune_by,
         },
     )
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """The pool's tensors are small (a rank-8 adapter is ~0.5M numbers): torch's thread team
+    costs more than it gains, and on a busy machine its threads wait for cores (sigma of the
+    default posterior took 2.0 s with 2 threads beside other jobs, 0.01 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 async def register_pool(llm: Any, prepared: PreparedPool, lora_ids: Iterator[int]) -> Pool:
