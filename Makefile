@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(notdir $(LOCK))
 # local wheel folder (PIP_FIND_LINKS), as on machines with no access to that index.
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup serve serve-ray test test-fast lint format lock bench-mbr bench-fanout bench-overhead bench-soak bench-replicas bench-payoff bench-tts bench-vllm-client clean
+.PHONY: setup serve serve-ray test test-fast lint format lock bench-mbr bench-fanout bench-overhead bench-soak bench-soak-onednn bench-replicas bench-payoff bench-tts bench-vllm-client clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,10 @@ bench-tts: setup
 URL ?= http://127.0.0.1:8000
 bench-soak: setup
 	$(BIN)/python bench/soak.py --url $(URL) --out bench/results/soak $(ARGS)
+
+# oneDNN's primitive cache uncapped against capped (CAPS="default 64"), a soak each (~20 min each)
+bench-soak-onednn: setup
+	bash bench/soak_onednn.sh
 
 bench-vllm-client: setup
 	bash bench/vllm_client.sh $(URL)

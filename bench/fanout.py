@@ -306,6 +306,7 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
             began = time.perf_counter()
             n = await asyncio.to_thread(peft, w["ids"], short)
             rates["d_peft"] = [n / (time.perf_counter() - began)]
+            print(f"{dtype} {wname} d_peft {rates['d_peft'][0]:.1f}", flush=True)
         results[wname] = {
             "prompt_tokens": [len(ids) for ids in w["ids"]],
             "tokens_per_round": tokens,
@@ -447,12 +448,14 @@ def main() -> None:
                "load_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"config": config, "machine": machine, "dtypes": {}}
-    for dtype in args.dtypes:
+    for dtype in args.dtypes:  # written after each part: a long run stopped keeps what it had
         result["dtypes"][dtype] = asyncio.run(one_dtype(args, dtype, workloads_for(args)))
+        machine["load_end"] = [round(x, 2) for x in os.getloadavg()]
+        write(args.out, result)
     if args.memory_pools:
         result["startup"] = asyncio.run(startup(args))
-    machine["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    write(args.out, result)
+        machine["load_end"] = [round(x, 2) for x in os.getloadavg()]
+        write(args.out, result)
     print((args.out / "fanout.md").read_text())
 
 

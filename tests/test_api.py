@@ -138,6 +138,8 @@ def test_openai_async_completions_streamed_equals_not_streamed(live):
     assert info["selection"] == "flat" and info["n_models"] == 3 and info["candidates"] is None
     assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    opening = chunks[0].choices[0]  # sent at once, before the candidates are generated
+    assert opening.text == "" and opening.finish_reason is None
 
 
 def test_openai_models_and_errors(live):

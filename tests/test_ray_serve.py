@@ -18,6 +18,8 @@ import psutil
 import pytest
 from conftest import free_port, stop_live_servers
 
+from ivonserve.ray_serve import BIND_ENV, pin_engine_threads
+
 PROMPT = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
 REPLICA = "x-ivonserve-replica"
 
@@ -142,3 +144,15 @@ def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_m
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert code == 0, log.read_text()[-3000:]
+
+
+def test_each_replica_pins_vllms_threads_to_its_own_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv(BIND_ENV, "")
+    assert pin_engine_threads(1, 2) == "2,3" == os.environ[BIND_ENV]  # replica 1: cores 2 and 3
+    monkeypatch.setenv(BIND_ENV, "")
+    assert pin_engine_threads(0, 1) == "0"
+    monkeypatch.setenv(BIND_ENV, "")
+    assert pin_engine_threads(2, 2) is None and not os.environ[BIND_ENV]  # no cores left: vLLM's
+    monkeypatch.setenv(BIND_ENV, "0-1")
+    assert pin_engine_threads(0, 1) is None and os.environ[BIND_ENV] == "0-1"  # the user's choice

@@ -45,6 +45,7 @@ REPLICA_KEYS = ("num_replicas", "min_replicas", "max_replicas", "num_cpus", "num
 HEALTH_CHECK_PERIOD_S = 5.0
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "ivonserve.ray_serve:proxy_middlewares"
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU worker: the cores of its OpenMP threads
 
 
 class ReplicaHeader:
@@ -142,6 +143,7 @@ class IvonserveReplica:
         self.server_app: Any = None
         context = serve.get_replica_context()
         self.replica_name = f"{context.replica_id.unique_id}; pid {os.getpid()}"
+        self.cpus = pin_engine_threads(context.rank.local_rank, _assigned_cpus())
 
     async def __serve_build_asgi_app__(self) -> Any:
         """Start the engine first: Serve routes to a replica only once this returns and its
@@ -149,7 +151,8 @@ class IvonserveReplica:
         self.engine = await Engine.start(self.settings.engine_config())
         self.server_app = create_app(self.settings, engine=self.engine)
         self.server_app.add_middleware(ReplicaHeader, replica=self.replica_name)
-        logger.info("replica %s ready (%s)", self.replica_name, self.engine.startup_seconds)
+        logger.info("replica %s ready (%s; vLLM's threads on cores %s)", self.replica_name,
+                    self.engine.startup_seconds, self.cpus or "vLLM's choice")  # fmt: skip
         return self.server_app
 
     async def check_health(self) -> None:
@@ -164,6 +167,32 @@ class IvonserveReplica:
             start_draining(self.server_app)
         if self.engine is not None:
             await self.engine.shutdown()
+
+
+def pin_engine_threads(local_rank: int, cpus_per_replica: int) -> str | None:
+    """Give the replica's vLLM worker its own cores: replica r of a node takes cores
+    r*n .. r*n+n-1 of the ones this process may use (VLLM_CPU_OMP_THREADS_BIND, read when the
+    engine's processes start). Without it every replica's worker binds its OpenMP threads to
+    the same cores by vLLM's own choice (the last core is left to the scheduler), and N replicas
+    on one machine share one replica's compute. Nothing is pinned on a GPU, when the user set
+    the variable, or when the node has too few cores for this rank; returns the cores pinned."""
+    if os.environ.get(BIND_ENV) or cpus_per_replica < 1:
+        return None
+    from vllm.platforms import current_platform
+
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[local_rank * cpus_per_replica : (local_rank + 1) * cpus_per_replica]
+    if not current_platform.is_cpu() or len(mine) < cpus_per_replica:
+        return None
+    os.environ[BIND_ENV] = ",".join(map(str, mine))
+    return os.environ[BIND_ENV]
+
+
+def _assigned_cpus() -> int:
+    """Whole CPUs Ray gave this replica (its ``num_cpus``)."""
+    import ray
+
+    return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
 
 
 def deployment_options(settings: Settings, replicas: dict[str, Any]) -> dict[str, Any]:

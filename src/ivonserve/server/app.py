@@ -270,6 +270,7 @@ async def chat_completions(request: ChatCompletionRequest, raw_request: Request)
     return await _generation(
         raw_request, plan, request.stream, chat_response,
         opening=chunks.opening(), on_draw=None, closing=chunks.closing, error=chunks.error,
+        keepalive=chunks.keepalive,
     )  # fmt: skip
 
 
@@ -292,7 +293,8 @@ async def completions(request: CompletionRequest, raw_request: Request) -> Any:
     chunks = CompletionStream(plan, request.include_usage)
     return await _generation(
         raw_request, plan, request.stream, completion_response,
-        opening=(), on_draw=None, closing=chunks.closing, error=chunks.error,
+        opening=chunks.opening(), on_draw=None, closing=chunks.closing, error=chunks.error,
+        keepalive=chunks.keepalive,
     )  # fmt: skip
 
 

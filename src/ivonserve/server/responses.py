@@ -8,6 +8,8 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import BaseModel
+
 from ivonserve import predictive
 from ivonserve.answers import extract_answer
 from ivonserve.engine import Generated, Scored, TokenScores
@@ -127,8 +129,11 @@ class _OpenAIStream:
         self.model = plan.pool.name
         self.include_usage = include_usage
 
-    def opening(self) -> list[Any]:
-        return []
+    def keepalive(self) -> BaseModel:
+        """While the candidates are generated: a chunk with no text, every KEEPALIVE_S. Not an
+        SSE comment: vLLM's benchmark client strips each network read, so a comment glues onto
+        the data after it and that chunk (the consensus text) was lost to it."""
+        return self.opening()[-1]
 
     @staticmethod
     def error(body: ErrorResponse) -> dict[str, Any]:
@@ -150,6 +155,9 @@ class ChatStream(_OpenAIStream):
     def opening(self) -> list[ChatCompletionChunk]:
         return [self.chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
 
+    def keepalive(self) -> ChatCompletionChunk:
+        return self.chunk([ChatChunkChoice(delta=DeltaMessage(content=""))])
+
     def closing(self, outcome: Outcome) -> list[ChatCompletionChunk]:
         text = ChatChunkChoice(delta=DeltaMessage(content=outcome.chosen.text))
         end = ChatChunkChoice(delta=DeltaMessage(), finish_reason=outcome.winner.finish_reason)
@@ -160,7 +168,9 @@ class ChatStream(_OpenAIStream):
 
 
 class CompletionStream(_OpenAIStream):
-    """OpenAI's completion chunks: the consensus text with its finish reason, then usage."""
+    """OpenAI's completion chunks: an empty text at once (as the chat role chunk, the client
+    sees at once that its request runs), the consensus text with its finish reason once
+    chosen, then usage."""
 
     prefix = "cmpl"
 
@@ -168,6 +178,9 @@ class CompletionStream(_OpenAIStream):
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, **extra
         )
+
+    def opening(self) -> list[CompletionResponse]:
+        return [self.chunk([CompletionChoice(text="", finish_reason=None)])]
 
     def closing(self, outcome: Outcome) -> list[CompletionResponse]:
         choice = CompletionChoice(

@@ -313,9 +313,11 @@ class GenerationService(Service):
         on_draw: Callable[[list[Generated]], BaseModel | dict] | None,
         closing: Callable[[Outcome], Iterable[BaseModel | dict]],
         error: Callable[[ErrorResponse], dict],
+        keepalive: Callable[[], BaseModel | dict] | None = None,
     ) -> AsyncIterator[bytes]:
         """Server-sent events: ``opening`` at once, an event per finished draw (``on_draw``),
-        keep-alive comments while waiting, then ``closing(outcome)`` and ``[DONE]``. Any error
+        every KEEPALIVE_S while waiting a ``keepalive()`` event (default: an SSE comment), then
+        ``closing(outcome)`` and ``[DONE]``. Any error
         after the stream began (a limit, a timeout, the engine dying) is ``error(body)`` as the
         last event before ``[DONE]``: a stream always ends, never breaks off."""
         draws: asyncio.Queue[list[Generated]] = asyncio.Queue()
@@ -335,7 +337,7 @@ class GenerationService(Service):
                 else:
                     waiting.cancel()
                     if not work.done():
-                        yield _KEEPALIVE
+                        yield _sse(keepalive()) if keepalive else _KEEPALIVE
             while not draws.empty():
                 yield _sse(on_draw(draws.get_nowait()))
             failure = asyncio.CancelledError() if work.cancelled() else work.exception()
