@@ -38,9 +38,10 @@ serve-ray: setup
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
 
-# The inner loop: every test that starts no vLLM engine (under a minute); CI runs `make test`.
+# The inner loop: every test that starts no vLLM engine and no long CLI run (under a minute);
+# CI runs `make test`.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not engine and not e2e" $(ARGS)
+	$(BIN)/python -m pytest -m "not engine and not e2e and not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff format --check .

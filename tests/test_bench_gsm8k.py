@@ -88,6 +88,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_bad_url_and_bad_data_are_one_line_errors(data, tmp_path):
     run = _cli("--url", "http://127.0.0.1:9", "--data", str(data), "--out", str(tmp_path / "o"))
     assert run.returncode == 2

@@ -111,6 +111,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_train_inspect_sample(model_dir, data, tmp_path):
     out = tmp_path / "post"
     run = _cli(
@@ -134,6 +135,7 @@ def test_cli_train_inspect_sample(model_dir, data, tmp_path):
     assert files[0] == files[1] != files[2]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, data):
     (tmp_path / "post").mkdir()
     run = _cli("posterior", "inspect", str(tmp_path / "post"))
