@@ -8,8 +8,6 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel
-
 from ivonserve import predictive
 from ivonserve.answers import extract_answer
 from ivonserve.engine import Generated, Scored, TokenScores
@@ -129,12 +127,6 @@ class _OpenAIStream:
         self.model = plan.pool.name
         self.include_usage = include_usage
 
-    def keepalive(self) -> BaseModel:
-        """While the candidates are generated: a chunk with no text, every KEEPALIVE_S. Not an
-        SSE comment: vLLM's benchmark client strips each network read, so a comment glues onto
-        the data after it and that chunk (the consensus text) was lost to it."""
-        return self.opening()[-1]
-
     @staticmethod
     def error(body: ErrorResponse) -> dict[str, Any]:
         """OpenAI's error object as a stream event (its client raises on it)."""
@@ -156,6 +148,7 @@ class ChatStream(_OpenAIStream):
         return [self.chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
 
     def keepalive(self) -> ChatCompletionChunk:
+        """A chunk with no text while the candidates are generated (see serving.stream)."""
         return self.chunk([ChatChunkChoice(delta=DeltaMessage(content=""))])
 
     def closing(self, outcome: Outcome) -> list[ChatCompletionChunk]:
@@ -179,8 +172,12 @@ class CompletionStream(_OpenAIStream):
             id=self.id, created=self.created, model=self.model, choices=choices, **extra
         )
 
+    def keepalive(self) -> CompletionResponse:
+        """A chunk with no text while the candidates are generated (see serving.stream)."""
+        return self.chunk([CompletionChoice(text="", finish_reason=None)])
+
     def opening(self) -> list[CompletionResponse]:
-        return [self.chunk([CompletionChoice(text="", finish_reason=None)])]
+        return [self.keepalive()]
 
     def closing(self, outcome: Outcome) -> list[CompletionResponse]:
         choice = CompletionChoice(

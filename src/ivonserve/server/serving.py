@@ -316,7 +316,9 @@ class GenerationService(Service):
         keepalive: Callable[[], BaseModel | dict] | None = None,
     ) -> AsyncIterator[bytes]:
         """Server-sent events: ``opening`` at once, an event per finished draw (``on_draw``),
-        every KEEPALIVE_S while waiting a ``keepalive()`` event (default: an SSE comment), then
+        every KEEPALIVE_S while waiting a ``keepalive()`` event (default: an SSE comment; the
+        OpenAI routes send a chunk with no text, since vLLM's benchmark client strips each
+        network read, so a comment glued onto the chunk after it and that chunk was lost), then
         ``closing(outcome)`` and ``[DONE]``. Any error
         after the stream began (a limit, a timeout, the engine dying) is ``error(body)`` as the
         last event before ``[DONE]``: a stream always ends, never breaks off."""
