@@ -228,7 +228,7 @@ def _add_bench(commands) -> None:
     sub = commands.add_parser("bench", help="benchmarks against a running server")
     kinds = sub.add_subparsers(title="benchmarks")
     for name, module in (("gsm8k", gsm8k), ("likelihood", likelihood), ("compare", compare)):
-        summary = module.__doc__.split("\n")[0]
+        summary = " ".join(module.__doc__.split("\n\n")[0].split())
         module.add_cli_arguments(_command(kinds, name, module.run_cli, summary))
 
 

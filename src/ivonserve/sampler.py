@@ -32,8 +32,10 @@ class SamplerConfig:
     ``prune_by``: highest variance (uncertainty-guided pruning), lowest |m|/sigma, or at random
     (the control: the same fraction, chosen without looking at the posterior)."""
 
+    # Off by default: on held-out GSM8k every 10% pruning raised the NLL of the mean and of the
+    # draws (README, "Does it pay off?"); the option stays for posteriors where it helps.
     temperature: float = 1.0
-    prune: float = 0.1
+    prune: float = 0.0
     prune_by: PruneBy = "variance"
 
     def __post_init__(self) -> None:
