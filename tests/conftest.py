@@ -13,6 +13,7 @@ stops the shared tiny server before starting the real-model one.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import sys
 import threading
@@ -47,6 +48,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.engine)
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+def bench_script(name: str):
+    """bench/ is scripts, not a package: load bench/NAME.py by path, registered in sys.modules (its
+    dataclasses need that)."""
+    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

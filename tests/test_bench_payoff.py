@@ -3,23 +3,11 @@ whichever order the report compared them in."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import bench_script
 
 from ivonserve.bench.common import Question
 from ivonserve.bench.likelihood import Arm, summarise
-
-SCRIPT = Path(__file__).parents[1] / "bench" / "payoff_tables.py"
-
-
-def _tables_module():
-    spec = importlib.util.spec_from_file_location("payoff_tables", SCRIPT)
-    module = sys.modules.setdefault("payoff_tables", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)
-    return module
 
 
 def _results() -> dict:
@@ -46,7 +34,7 @@ def _results() -> dict:
 
 
 def test_the_tables_pick_the_ablations_pairs_with_signs_either_way():
-    tables = _tables_module()
+    tables = bench_script("payoff_tables")
     results = _results()
     chosen = tables.chosen_pairs(results, "prune-none")
     assert chosen == [

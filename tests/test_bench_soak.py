@@ -3,24 +3,15 @@ one-line refusal of a server it cannot reach."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
+from conftest import bench_script, free_port
 from test_api import metric, scrape
 
 SCRIPT = Path(__file__).parents[1] / "bench" / "soak.py"
-
-
-def _soak_module():
-    """bench/ is scripts, not a package: load soak.py by path (registered, for its dataclasses)."""
-    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
-    module = sys.modules.setdefault("soak", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(url: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -59,7 +50,7 @@ def test_soak_counts_what_the_server_counted(serve_with, tmp_path):
 
 
 def test_memory_verdict_forgives_warm_up_but_not_a_climb():
-    soak = _soak_module()
+    soak = bench_script("soak")
     sampler = soak.MemorySampler(None, None)
     warm_then_level = [1000 + min(t, 50) * 4 for t in range(200)]  # +200 MiB, then flat
     climbing = [1000 + t * 0.5 for t in range(200)]  # +50 MiB over each 100 s, to the end
