@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ivonserve.bench.likelihood import Arm
+from ivonserve.bench.likelihood import Arm, arms_table
 
 
 def arm_name(label: str, model: str, k: int) -> str:
@@ -33,17 +33,6 @@ def paired(pairs: dict, a: str, b: str) -> dict | None:
         return {"diff": -p["nll_per_token_diff"], "ci": [-hi, -lo],
                 "a_better": 1 - p["a_better_share"]}  # fmt: skip
     return None
-
-
-def arms_table(results: dict) -> list[str]:
-    lines = ["| arm | NLL / token | 95% CI | NLL / question | 95% CI |", "|---|---|---|---|---|"]
-    for a in results["arms"]:
-        (lo, hi), (qlo, qhi) = a["nll_per_token_ci95"], a["nll_per_question_ci95"]
-        lines.append(
-            f"| {a['arm']} | {a['nll_per_token']:.4f} | [{lo:.4f}, {hi:.4f}] "
-            f"| {a['nll_per_question']:.2f} | [{qlo:.2f}, {qhi:.2f}] |"
-        )
-    return lines
 
 
 def chosen_pairs(results: dict, reference: str) -> list[tuple[str, str]]:
@@ -86,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads((args.folder / "results.json").read_text())
     print(f"{results['questions']} questions of {results['data']}\n")
-    print("\n".join(arms_table(results)) + "\n")
+    print("\n".join(arms_table(results["arms"])) + "\n")
     print("\n".join(pairs_table(results, args.reference)))
 
 

@@ -170,6 +170,18 @@ def _pair_row(a: Arm, b: Arm, values_a: tuple, values_b: tuple, seed: int) -> di
     }
 
 
+def arms_table(arms: list[dict]) -> list[str]:
+    """The markdown table of the arms' NLL with their intervals (report.md, the README's)."""
+    lines = ["| arm | NLL / token | 95% CI | NLL / question | 95% CI |", "|---|---|---|---|---|"]
+    for a in arms:
+        (lo, hi), (qlo, qhi) = a["nll_per_token_ci95"], a["nll_per_question_ci95"]
+        lines.append(
+            f"| {a['arm']} | {a['nll_per_token']:.4f} | [{lo:.4f}, {hi:.4f}] "
+            f"| {a['nll_per_question']:.2f} | [{qlo:.2f}, {qhi:.2f}] |"
+        )
+    return lines
+
+
 def write_report(out: Path, results: dict) -> None:
     lines = [
         "# Likelihood of reference solutions with ivonserve",
@@ -179,16 +191,8 @@ def write_report(out: Path, results: dict) -> None:
         + f", {results['questions']} questions. NLL in nats, bootstrap 95% intervals over "
         "questions (2000 resamples).",
         "",
-        "| arm | NLL / token | 95% CI | NLL / question | 95% CI |",
-        "|---|---|---|---|---|",
+        *arms_table(results["arms"]),
     ]
-    for a in results["arms"]:
-        lo, hi = a["nll_per_token_ci95"]
-        qlo, qhi = a["nll_per_question_ci95"]
-        lines.append(
-            f"| {a['arm']} | {a['nll_per_token']:.4f} | [{lo:.4f}, {hi:.4f}] "
-            f"| {a['nll_per_question']:.2f} | [{qlo:.2f}, {qhi:.2f}] |"
-        )
     lines += [
         "",
         "Paired differences on the same questions, NLL(a) - NLL(b) per token (negative: a is "
