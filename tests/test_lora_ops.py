@@ -119,9 +119,44 @@ def test_a_tokens_result_does_not_depend_on_how_many_tokens_share_its_adapter():
     assert torch.equal(alone[0], crowd[0])  # bit for bit: seeds reproduce under any batch
 
 
-def test_groups_skip_the_base_tokens():
+def _shown(groups):
+    return [(slot, rows if isinstance(rows, slice) else rows.tolist()) for slot, rows in groups]
+
+
+def test_groups_skip_the_base_tokens_and_are_slices_where_contiguous():
     groups = lora_ops.adapter_groups(torch.tensor([2, -1, 0, 2, -1]))
-    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2]), (2, [0, 3])]
-    assert lora_ops.adapter_groups(torch.tensor([4, 4])) == [(4, None)]
+    assert _shown(groups) == [(0, slice(2, 3)), (2, [0, 3])]
+    groups = lora_ops.adapter_groups(torch.tensor([1, 1, 1, 3, 3, -1, 0]))
+    assert _shown(groups) == [(0, slice(6, 7)), (1, slice(0, 3)), (3, slice(3, 5))]
+    assert _shown(lora_ops.adapter_groups(torch.tensor([4, 4]))) == [(4, slice(None))]
     assert lora_ops.adapter_groups(torch.tensor([-1, -1])) == []
     assert lora_ops.adapter_groups(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_the_groups_follow_indices_rewritten_in_place():
+    """vLLM rewrites its index buffer in place each step: the cached groups must not outlive
+    the contents they were computed from."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(24, HIDDEN, generator=g)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g)
+    buffer = torch.zeros(24, dtype=torch.long)
+    for step in range(4):
+        buffer.copy_(torch.randint(-1, SLOTS, (24,), generator=g))
+        want, got = torch.zeros(24, RANK), torch.zeros(24, RANK)
+        torch_ops.bgmv_shrink(x, a, want, buffer, 1.0)
+        lora_ops.bgmv_shrink(x, a, got, buffer, 1.0)
+        present = buffer >= 0
+        _close(got[present], want[present], torch.float32)
+        assert torch.all(got[~present] == 0), step
+
+
+def test_the_ops_of_one_step_group_its_tokens_once():
+    x = torch.randn(32, HIDDEN)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN)
+    indices = torch.arange(32) // 8
+    out = torch.zeros(32, RANK)
+    lora_ops.bgmv_shrink(x, a, out, indices, 1.0)  # a new step: grouped here
+    misses = lora_ops.GROUPS.misses
+    for _ in range(5):  # the other layers of the same step
+        lora_ops.bgmv_shrink(x, a, out, indices.clone(), 1.0)
+    assert lora_ops.GROUPS.misses == misses
