@@ -9,6 +9,11 @@ Arms (the same prompts and token counts: ignore_eos, fixed max_tokens):
   v     plain-vllm - vllm.LLM as a user would set it up: the K draws as LoRA adapters
                      (q/v targets, block 32, vLLM's own ops), the same requests
   d     peft       - the loop a researcher writes: peft + transformers, one draw at a time
+  a* b* a and b with no core kept for vLLM's scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU=0: the
+        OpenMP threads on every core of the NUMA node, ivonserve's default since 2026-12-02).
+        The other arms keep vLLM's default (=1: one core left to the scheduler, which on a
+        2-core machine halves the cores that compute), as every figure before that date.
+--arms picks a subset (b always runs: the others take its model, draws and prompts).
 Every engine is started once and kept, but only the arm being measured runs: the others' vLLM
 processes are frozen (SIGSTOP) meanwhile, so no idle engine's OpenMP threads or polling loops
 share the cores (each vLLM worker binds its threads to every core). Rounds alternate the arms,
@@ -81,10 +86,16 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-async def _started(make, kernel: str) -> tuple[Any, list[psutil.Process], float]:
-    """Start an engine with the LoRA kernel its vLLM processes load; returns its new processes."""
+RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+ARMS = ("a", "b", "b'", "c", "v", "a*", "b*")
+
+
+async def _started(make, kernel: str, reserved: str) -> tuple[Any, list[psutil.Process], float]:
+    """Start an engine with the LoRA kernel and reserved cores its vLLM processes read at start;
+    returns its new processes."""
     before = _children()
     os.environ[LORA_KERNEL_ENV] = kernel
+    os.environ[RESERVED_ENV] = reserved
     began = time.perf_counter()
     engine = await make()
     seconds = time.perf_counter() - began
@@ -214,10 +225,12 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
     k, s = args.draws, args.samples
     arms: dict[str, Arm] = {}
 
-    async def add(name: str, make, kernel: str, run_for, close) -> None:
+    async def add(name: str, make, kernel: str, run_for, close, reserved="1") -> None:
+        if name != "b_grouped" and name.split("_")[0] not in args.arms:
+            return
         for arm in arms.values():
             arm.freeze()  # a starting engine measures its own start-up alone too
-        engine, processes, seconds = await _started(make, kernel)
+        engine, processes, seconds = await _started(make, kernel, reserved)
         arms[name] = Arm(name, run_for(engine), processes, lambda: close(engine), seconds)
         arms[name].freeze()
 
@@ -254,6 +267,13 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
         return lambda w, r: generate_all(llm, w["ids"], [(sampling(k * s, r, w["tokens"]), None)])
 
     await add("a_base", make_base, "vllm", base_run, _shutdown_llm)
+    await add("a*_base-all-cores", make_base, "vllm", base_run, _shutdown_llm, reserved="0")
+
+    async def make_grouped_again():
+        return await ivonserve_engine(args, dtype, k, "grouped")
+
+    await add("b*_grouped-all-cores", make_grouped_again, "grouped", slots_run,
+              lambda e: e.shutdown(), reserved="0")  # fmt: skip
 
     async def make_swap():
         return async_llm(engine_args, max_loras=1, max_cpu_loras=k)
@@ -328,7 +348,9 @@ def _ratios(rates: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     pairs = {"b/a": ("b_grouped", "a_base"), "b/b'": ("b_grouped", "b'_vllm-ops"),
              "b/c": ("b_grouped", "c_swap"), "b/v": ("b_grouped", "v_plain-vllm"),
              "b'/v": ("b'_vllm-ops", "v_plain-vllm"), "b'/a": ("b'_vllm-ops", "a_base"),
-             "b/d": ("b_grouped", "d_peft")}  # fmt: skip
+             "b/d": ("b_grouped", "d_peft"), "b*/b": ("b*_grouped-all-cores", "b_grouped"),
+             "a*/a": ("a*_base-all-cores", "a_base"),
+             "b*/a*": ("b*_grouped-all-cores", "a*_base-all-cores")}  # fmt: skip
     out = {}
     for label, (x, y) in pairs.items():
         both = list(zip(rates.get(x, []), rates.get(y, []), strict=False))
@@ -340,6 +362,7 @@ def _ratios(rates: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 async def startup(args: argparse.Namespace) -> list[dict[str, Any]]:
     """ivonserve's start-up phases and memory (this process and its children) per pool size."""
     rows = []
+    os.environ.pop(RESERVED_ENV, None)  # ivonserve's default
     for size in args.memory_pools:
         before = rss_of_children()
         began = time.perf_counter()
@@ -362,10 +385,11 @@ def rss_of_children() -> int:
 def workloads_for(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     long = " ".join(" ".join(PROMPTS) for _ in range(args.prefill_words // 60 + 1)).split()
     prefill = [" ".join(long[i * 7 : i * 7 + args.prefill_words]) for i in range(args.prompts)]
-    return {
+    every = {
         "decode": {"prompts": PROMPTS[: args.prompts], "tokens": args.decode_tokens},
         "prefill": {"prompts": prefill, "tokens": args.prefill_tokens},
     }
+    return {name: every[name] for name in args.workloads}
 
 
 def write(out: Path, result: dict[str, Any]) -> None:
@@ -385,7 +409,7 @@ def write(out: Path, result: dict[str, Any]) -> None:
         "others frozen with SIGSTOP). Generated tokens per second.",
     ]
     for dtype, per in result["dtypes"].items():
-        for wname in ("decode", "prefill"):
+        for wname in [w for w in ("decode", "prefill") if w in per]:
             w = per[wname]
             lines += ["", f"## {dtype}, {wname}-heavy", "",
                       f"Prompt tokens {w['prompt_tokens']}, generated tokens a round "
@@ -433,6 +457,8 @@ def main() -> None:
     parser.add_argument("--prefill-words", type=int, default=420, help="about 1.3 tokens a word")
     parser.add_argument("--prefill-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arms", default="a,b,b',c,v", help=f"a subset of {','.join(ARMS)}")
+    parser.add_argument("--workloads", default="decode,prefill")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--peft-tokens", type=int, default=32, help="(d) is slow: fewer tokens")
     parser.add_argument("--peft-workloads", default="decode", help="workloads (d) runs")
@@ -443,6 +469,10 @@ def main() -> None:
     args = parser.parse_args()
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.peft_workloads = args.peft_workloads.split(",")
+    args.arms = args.arms.split(",")
+    if unknown := set(args.arms) - set(ARMS):
+        parser.error(f"--arms: unknown {sorted(unknown)}; the arms are {','.join(ARMS)}")
+    args.workloads = args.workloads.split(",")
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
                "python": platform.python_version(),
                "load_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip

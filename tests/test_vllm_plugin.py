@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import POOL_SIZE
 
-from ivonserve.engine import SamplingOptions
+from ivonserve.engine import RESERVED_CPU_ENV, SamplingOptions
 from ivonserve.server import serving
 
 pytestmark = pytest.mark.engine
@@ -36,6 +37,28 @@ def test_the_plugin_runs_inside_vllms_worker(live, engine, client):
     before = status["grouped_lora_calls"]
     assert client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
     assert _status(live, engine)["grouped_lora_calls"] > before  # the grouped ops ran
+
+
+def _cores_of_first_numa_node() -> set[int]:
+    """The cores vLLM's automatic binding picks from (one worker: the first NUMA node's), of
+    those this process may use."""
+    allowed = os.sched_getaffinity(0)
+    node = Path("/sys/devices/system/node/node0/cpulist")
+    if not node.exists():
+        return allowed
+    cores: set[int] = set()
+    for part in node.read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        cores.update(range(int(low), int(high or low) + 1))
+    return cores & allowed
+
+
+def test_vllms_worker_computes_on_every_core(live, engine):
+    """vLLM keeps one core out of its OpenMP threads for its scheduler unless told otherwise;
+    ivonserve tells it otherwise (engine.RESERVED_CPU_ENV): on a 2-core machine, twice the
+    compute."""
+    assert os.environ.get(RESERVED_CPU_ENV) == "0"
+    assert _status(live, engine)["omp_threads"] == len(_cores_of_first_numa_node())
 
 
 def _sampled(seed: int) -> SamplingOptions:

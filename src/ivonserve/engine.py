@@ -62,6 +62,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("ivonserve.engine")
+# vLLM's CPU worker keeps this many cores of its NUMA node out of its OpenMP threads, for its
+# scheduler: 1 by default, which on a 2-core machine halves the cores that compute. ivonserve
+# makes it 0 unless the user set it (bench/results/fanout.md: the fan-out and /score ran
+# faster with every core computing); explicit VLLM_CPU_OMP_THREADS_BIND core lists ignore it.
+RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 _SEED_MASK = (1 << 62) - 1  # vLLM adds the sample index to a request's seed: stay inside int64
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
@@ -329,8 +334,10 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.engine_args = self.build_engine_args(pools)
-        # vLLM's processes (spawned below) read it when they load ivonserve's plugin
+        # vLLM's processes (spawned below) read these when they start
         os.environ[LORA_KERNEL_ENV] = self.lora_kernel(current_platform.is_cpu())
+        if current_platform.is_cpu():
+            os.environ.setdefault(RESERVED_CPU_ENV, "0")
         logger.info("starting vLLM: %s", self.engine_args)
         try:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))

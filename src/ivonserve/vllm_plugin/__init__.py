@@ -61,11 +61,14 @@ def status() -> dict[str, Any]:
     """What the plugin applied in this process (empty: not loaded), with live counters."""
     if not _applied:
         return {}
+    import torch
+
     from ivonserve.vllm_plugin import lora_ops, seeds
 
     return {
         **_applied,
         "pid": os.getpid(),
+        "omp_threads": torch.get_num_threads(),  # the cores this process computes on
         "generator_rewinds": seeds.REWINDS.count,
         "grouped_lora_calls": lora_ops.CALLS.count,
     }
