@@ -12,9 +12,9 @@
 #   bash bench/payoff.sh test-ablations  # the other configurations on the same 300 test questions
 #
 # One server per configuration (pruning and temperature are pool settings), float32 (scores
-# equal peft's), pool of 8, vLLM's OpenMP threads on every core (scoring is prefill, compute-bound:
-# 1.6x faster than vLLM's default of keeping one core for its scheduler, same scores); each
-# configuration adds its arms under its label to one folder.
+# equal peft's), pool of 8; each configuration adds its arms under its label to one folder.
+# vLLM's OpenMP threads run on every core (ivonserve's default since 2026-12-02; the results
+# here were made with VLLM_CPU_OMP_THREADS_BIND=0-1, the same cores on this 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,6 @@ IVON=${IVON:-posteriors/smollm2-135m-gsm8k}
 ADAMW=${ADAMW:-posteriors/smollm2-135m-gsm8k-adamw}
 CONFIG=${CONFIG:-prune-none}
 PORT=${PORT:-8130}
-export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))}
 
 # label -> serve flags. Temperature T scales the variance, sigma^2 = T / (ess (h + delta)): with
 # the posterior trained at ess 1e8, T = 10 and 100 stand for ess 1e7 and 1e6, the rest of the ess
