@@ -81,10 +81,10 @@ def _rows(runs: list[tuple[int, int]]) -> Rows:
 
 class _GroupCache:
     """The groups of the last indices seen. Every LoRA op of a forward pass (shrink and expand
-    of each adapted layer: 120 calls a step for q/v on a 30-layer model) gets the same indices;
-    grouping them once instead of each time was ~10% of a fan-out's decode step. The cache
-    compares contents (a few microseconds), not identity: vLLM rewrites its index buffers in
-    place between steps."""
+    of each adapted layer: 120 calls a step for q/v on a 30-layer model) gets the same indices,
+    and grouping them cost more than the products (with the views below, an op on a decode
+    step's shape got ~4x cheaper in a microbenchmark). The cache compares contents (a few
+    microseconds), not identity: vLLM rewrites its index buffers in place between steps."""
 
     def __init__(self) -> None:
         self.indices: torch.Tensor | None = None
