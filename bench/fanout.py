@@ -35,6 +35,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -255,10 +256,8 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
         w["ids"] = [grouped.render(prompt=p) for p in w["prompts"]]
     engine_args = grouped.engine_args
 
-    async def make_vllm_ops():
-        return await ivonserve_engine(args, dtype, k, "vllm")
-
-    await add("b'_vllm-ops", make_vllm_ops, "vllm", slots_run, lambda e: e.shutdown())
+    await add("b'_vllm-ops", partial(ivonserve_engine, args, dtype, k, "vllm"), "vllm", slots_run,
+              lambda e: e.shutdown())  # fmt: skip
 
     async def make_base():
         return async_llm(engine_args, enable_lora=False)
@@ -269,11 +268,8 @@ async def one_dtype(args: argparse.Namespace, dtype: str, workloads: dict) -> di
     await add("a_base", make_base, "vllm", base_run, _shutdown_llm)
     await add("a*_base-all-cores", make_base, "vllm", base_run, _shutdown_llm, reserved="0")
 
-    async def make_grouped_again():
-        return await ivonserve_engine(args, dtype, k, "grouped")
-
-    await add("b*_grouped-all-cores", make_grouped_again, "grouped", slots_run,
-              lambda e: e.shutdown(), reserved="0")  # fmt: skip
+    await add("b*_grouped-all-cores", partial(ivonserve_engine, args, dtype, k, "grouped"),
+              "grouped", slots_run, lambda e: e.shutdown(), reserved="0")  # fmt: skip
 
     async def make_swap():
         return async_llm(engine_args, max_loras=1, max_cpu_loras=k)

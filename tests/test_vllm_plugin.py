@@ -42,15 +42,13 @@ def test_the_plugin_runs_inside_vllms_worker(live, engine, client):
 def _cores_of_first_numa_node() -> set[int]:
     """The cores vLLM's automatic binding picks from (one worker: the first NUMA node's), of
     those this process may use."""
+    from vllm.utils.cpu_resource_utils import parse_id_list
+
     allowed = os.sched_getaffinity(0)
     node = Path("/sys/devices/system/node/node0/cpulist")
     if not node.exists():
         return allowed
-    cores: set[int] = set()
-    for part in node.read_text().strip().split(","):
-        low, _, high = part.partition("-")
-        cores.update(range(int(low), int(high or low) + 1))
-    return cores & allowed
+    return set(parse_id_list(node.read_text().strip())) & allowed
 
 
 def test_vllms_worker_computes_on_every_core(live, engine):
