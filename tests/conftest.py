@@ -259,7 +259,6 @@ def tiny_settings(tiny_model: Path, tiny_posterior: Path) -> Any:
         default_selection="model",
         default_utility="chrf",
         request_timeout_s=120,
-        enforce_eager=True,  # eager: the first request is ~3 s instead of ~25 s of compiling
         dtype="float32",  # parity with peft + transformers is exact in float32
         # small: prefills of concurrent requests are chunked (the seeded-sampling fix's case)
         max_num_batched_tokens=256,

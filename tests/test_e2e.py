@@ -143,6 +143,8 @@ def test_the_product_defaults_run_compiled_bf16_with_the_plugin_in_vllms_worker(
     (plugin,) = ready["vllm_plugin"]
     assert plugin["pid"] != proc.pid and plugin["seeds"] == "rewind-by-state"
     assert plugin["lora_kernel"] == "grouped" and plugin["grouped_lora_calls"] > 0
+    assert plugin["punica_wrapper"] == "GroupedPunicaWrapperCPU"
+    assert plugin["compilation_mode"] == "DYNAMO_TRACE_ONCE"  # vLLM alone runs LoRA eager
     assert set(ready["startup_phases_s"]) >= {"tokenizer", "pool", "vllm", "register", "warm_up"}
 
 

@@ -1,6 +1,7 @@
-"""The grouped LoRA ops equal vLLM's CPU ops (vllm/lora/ops/torch_ops) on random inputs, except
-for tokens without an adapter (index -1): vLLM gives them the last slot's weights (the upstream
-bug), the grouped ops leave them untouched."""
+"""The grouped LoRA ops equal vLLM's CPU ops (vllm/lora/ops/torch_ops) on random inputs, in both
+of their forms (grouped and stacked: the random cases take each), except for tokens without an
+adapter (index -1): vLLM gives them the last slot's weights (the upstream bug), the grouped ops
+leave them untouched."""
 
 from __future__ import annotations
 
@@ -108,15 +109,67 @@ def test_prefill_forms_repeat_each_sequences_adapter_over_its_tokens(dtype):
     assert torch.all(out_got[~present] == 0)
 
 
-def test_a_tokens_result_does_not_depend_on_how_many_tokens_share_its_adapter():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_result_does_not_depend_on_its_batch_or_the_form_computing_it(dtype):
+    """Bit for bit, so that seeds reproduce under any batch: the token alone (one row, grouped),
+    among 40 tokens of its adapter (grouped), and among interleaved adapters and base tokens
+    (stacked)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(40, RANK, generator=g)
-    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g)
-    alone = torch.zeros(1, HIDDEN)
-    lora_ops.bgmv_expand(x[:1], b, alone, torch.tensor([1]), True)
-    crowd = torch.zeros(40, HIDDEN)
-    lora_ops.bgmv_expand(x, b, crowd, torch.ones(40, dtype=torch.long), True)
-    assert torch.equal(alone[0], crowd[0])  # bit for bit: seeds reproduce under any batch
+    x = torch.randn(40, HIDDEN, generator=g).to(dtype)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype)
+    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g).to(dtype)
+    mixed = torch.arange(40) % SLOTS - 1  # 1 first, then every slot and base tokens
+    mixed[0] = 1
+    results = []
+    for indices, form in ((torch.tensor([1]), False), (torch.ones(40, dtype=torch.long), False),
+                          (mixed, True)):  # fmt: skip
+        rows = len(indices)
+        shrunk, out = torch.zeros(rows, RANK), torch.zeros(rows, HIDDEN, dtype=dtype)
+        lora_ops.bgmv_shrink(x[:rows], a, shrunk, indices, 0.5)
+        lora_ops.bgmv_expand(shrunk, b, out, indices, True)
+        assert lora_ops.PLANS.plan.stacked is form
+        results.append((shrunk[0], out[0]))
+    for shrunk, out in results[1:]:
+        assert torch.equal(shrunk, results[0][0]) and torch.equal(out, results[0][1])
+
+
+def test_a_fan_outs_decode_step_takes_the_stacked_form_and_a_long_prefill_the_grouped():
+    decode = (torch.arange(4).repeat_interleave(8) + 1).repeat(2)  # 2 prompts x 4 draws x 8
+    assert lora_ops.StepPlan(decode).stacked
+    prefill = torch.arange(1200) * 4 // 1200 + 1  # 4 adapters' prompts, each contiguous
+    assert not lora_ops.StepPlan(prefill).stacked
+    assert not lora_ops.StepPlan(torch.full((64,), 2)).stacked  # one adapter: one product
+    assert not lora_ops.StepPlan(torch.full((64,), -1)).stacked
+
+
+@pytest.mark.parametrize("tokens", [64, 1200])
+def test_a_slice_no_adapter_targets_gives_zeros_until_an_adapter_is_written_in(tokens):
+    """The k slice of a fused q/k/v layer when adapters target q and v: all zeros, skipped. An
+    adapter later loaded into a slot (an in-place write) must be seen."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    a = torch.zeros(SLOTS, 1, RANK, HIDDEN)
+    b = torch.zeros(SLOTS, 1, HIDDEN, RANK)
+    idx = torch.randint(-1, SLOTS, (tokens,), generator=g).sort().values
+    present = idx >= 0
+    shrunk = torch.full((tokens, RANK), 7.0)
+    lora_ops.bgmv_shrink(x, a, shrunk, idx, 1.0)
+    assert torch.all(shrunk[present] == 0) and torch.all(shrunk[~present] == 7)
+    start = torch.randn(tokens, HIDDEN, generator=g)
+    out = start.clone()
+    lora_ops.bgmv_expand(torch.randn(tokens, RANK, generator=g), b, out, idx, True)
+    assert torch.equal(out, start)
+    a[2, 0].copy_(torch.randn(RANK, HIDDEN, generator=g))  # vLLM loads an adapter into slot 2
+    b[2, 0].copy_(torch.randn(HIDDEN, RANK, generator=g))
+    want, got = torch.zeros(tokens, RANK), torch.zeros(tokens, RANK)
+    torch_ops.bgmv_shrink(x, a, want, idx, 1.0)
+    lora_ops.bgmv_shrink(x, a, got, idx, 1.0)
+    _close(got[present], want[present], torch.float32)
+    assert got[idx == 2].abs().sum() > 0
+    want_out, got_out = start.clone(), start.clone()
+    torch_ops.bgmv_expand(got, b, want_out, idx, True)
+    lora_ops.bgmv_expand(got, b, got_out, idx, True)
+    _close(got_out[present], want_out[present], torch.float32)
 
 
 def _shown(groups):
@@ -150,13 +203,13 @@ def test_the_groups_follow_indices_rewritten_in_place():
         assert torch.all(got[~present] == 0), step
 
 
-def test_the_ops_of_one_step_group_its_tokens_once():
+def test_the_ops_of_one_step_plan_its_tokens_once():
     x = torch.randn(32, HIDDEN)
     a = torch.randn(SLOTS, 1, RANK, HIDDEN)
     indices = torch.arange(32) // 8
     out = torch.zeros(32, RANK)
-    lora_ops.bgmv_shrink(x, a, out, indices, 1.0)  # a new step: grouped here
-    misses = lora_ops.GROUPS.misses
+    lora_ops.bgmv_shrink(x, a, out, indices, 1.0)  # a new step: planned here
+    misses = lora_ops.PLANS.misses
     for _ in range(5):  # the other layers of the same step
         lora_ops.bgmv_shrink(x, a, out, indices.clone(), 1.0)
-    assert lora_ops.GROUPS.misses == misses
+    assert lora_ops.PLANS.misses == misses

@@ -34,6 +34,9 @@ def test_the_plugin_runs_inside_vllms_worker(live, engine, client):
     assert status["vllm"] in ("0.32.0", "0.33.0")
     assert status["seeds"] == "rewind-by-state"
     assert status["lora_kernel"] == "grouped"
+    # the LoRA model compiled, as vLLM compiles a model without LoRA (it runs LoRA eager alone)
+    assert status["punica_wrapper"] == "GroupedPunicaWrapperCPU"
+    assert status["compilation_mode"] == "DYNAMO_TRACE_ONCE"
     before = status["grouped_lora_calls"]
     assert client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
     assert _status(live, engine)["grouped_lora_calls"] > before  # the grouped ops ran

@@ -92,3 +92,42 @@ def test_lora_slots_are_every_draw_and_mean_plus_a_spare_only_for_vllms_ops(kern
     args = engine.build_engine_args([_pool("a", 8), _pool("b", 4)])
     assert args["max_loras"] == args["max_cpu_loras"] == (8 + 1) + (4 + 1) + spare
     assert args["lora_target_modules"] == ["q_proj", "v_proj"] and args["max_lora_rank"] == 8
+
+
+def test_the_compiled_lora_path_refuses_a_cpu_platform_it_was_not_written_against(monkeypatch):
+    from vllm.platforms.cpu import CpuPlatform
+
+    from ivonserve.vllm_plugin import punica
+
+    other = "vllm.lora.punica_wrapper.punica_cpu.AnotherWrapper"
+    monkeypatch.setattr(CpuPlatform, "get_punica_wrapper", classmethod(lambda cls: other))
+    with pytest.raises(plugin.PluginError, match="AnotherWrapper"):
+        punica.apply()
+    # vLLM's wrapper, but its configuration no longer turns compilation off for LoRA that way
+    monkeypatch.setattr(
+        CpuPlatform, "get_punica_wrapper", classmethod(lambda c: punica.VLLM_QUALNAME)
+    )
+    monkeypatch.setattr(punica.inspect, "getsource", lambda obj: "def check_and_update_config")
+    with pytest.raises(plugin.PluginError, match="needs review"):
+        punica.apply()
+
+
+def test_vllms_cpu_configuration_runs_as_for_a_model_without_lora_and_keeps_the_lora_config():
+    from types import SimpleNamespace
+
+    from ivonserve.vllm_plugin import punica
+
+    seen = []
+
+    def check(cls, config):  # vLLM's CpuPlatform.check_and_update_config
+        seen.append(config.lora_config)
+        if len(seen) == 2:
+            raise ValueError("a bad config")
+
+    compiling = punica._compiling_lora(check)
+    config = SimpleNamespace(lora_config="the LoRA config")
+    compiling(None, config)
+    assert seen == [None] and config.lora_config == "the LoRA config"
+    with pytest.raises(ValueError, match="a bad config"):
+        compiling(None, config)
+    assert config.lora_config == "the LoRA config"  # restored when vLLM refuses the config too

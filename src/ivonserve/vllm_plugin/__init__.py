@@ -7,6 +7,8 @@ entry point.
   exact.
 * ``lora_ops``: grouped LoRA kernels for the CPU punica wrapper (one matrix product per adapter
   present instead of a per-token copy of its weights; a token without an adapter is untouched).
+* ``punica``: a CPU punica wrapper whose LoRA products are opaque ops reading each step's indices
+  when they run, so that vLLM compiles LoRA models on the CPU (it runs them eager otherwise).
 
 Each patch checks that the vLLM code it replaces is the code it was written against (the versions
 in ``requirements/*.lock``) and refuses, loudly, when vLLM has moved: a plugin that silently
@@ -54,6 +56,10 @@ def register() -> None:
     if kernel not in LORA_KERNELS:
         raise PluginError(f"{LORA_KERNEL_ENV}={kernel!r}: expected one of {LORA_KERNELS}")
     _applied["lora_kernel"] = lora_ops.apply() if kernel == "grouped" else "vllm"
+    if kernel == "grouped":
+        from ivonserve.vllm_plugin import punica
+
+        _applied["punica_wrapper"] = punica.apply()
     _add_worker_status()
 
 
@@ -78,4 +84,9 @@ def _add_worker_status() -> None:
     """``collective_rpc("ivonserve_plugin_status")`` answers ``status()`` from each worker."""
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    CPUWorker.ivonserve_plugin_status = lambda self: status()
+    def worker_status(worker: CPUWorker) -> dict[str, Any]:
+        # the mode the worker's model runs in: LoRA models compile only through this plugin
+        mode = worker.vllm_config.compilation_config.mode
+        return {**status(), "compilation_mode": mode.name}
+
+    CPUWorker.ivonserve_plugin_status = worker_status

@@ -24,7 +24,7 @@ from torch.library import Library
 
 from ivonserve.vllm_plugin import PluginError
 
-_LIB = Library("ivonserve", "FRAGMENT")  # the ops live as long as this object
+LIBRARY = Library("ivonserve", "FRAGMENT")  # the ops live as long as this object
 # vLLM's op signatures these replace: a moved argument would silently mean another thing
 _EXPECTED = {
     "bgmv_shrink": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling"],
@@ -79,26 +79,63 @@ def _rows(runs: list[tuple[int, int]]) -> Rows:
     return torch.cat([torch.arange(begin, end) for begin, end in runs])
 
 
-class _GroupCache:
-    """The groups of the last indices seen. Every LoRA op of a forward pass (shrink and expand
-    of each adapted layer: 120 calls a step for q/v on a 30-layer model) gets the same indices,
-    and grouping them cost more than the products (with the views below, an op on a decode
-    step's shape got ~4x cheaper in a microbenchmark). The cache compares contents (a few
-    microseconds), not identity: vLLM rewrites its index buffers in place between steps."""
+class StepPlan:
+    """How one step's tokens meet their adapters, computed once for every LoRA op of the step.
+
+    Two forms of the same products: ``groups``, one product per adapter present over its rows
+    (views where its tokens are contiguous); and the stacked form, one product over every token
+    against all the adapters present side by side, each token then keeping its own adapter's
+    columns. A decode step interleaves its adapters (a fan-out's requests are ordered by prompt,
+    then draw): the grouped form then pays a gather, a scatter and several small products per
+    adapter, ~10 aten calls of Python dispatch each, and the stacked form wins despite its extra
+    arithmetic (rank 8 x the adapters present, next to the base model's hidden size). A long
+    prefill is a few contiguous runs, where the grouped form's arithmetic is what counts."""
+
+    def __init__(self, indices: torch.Tensor) -> None:
+        self.groups = adapter_groups(indices)
+        self.valid = (indices >= 0).unsqueeze(1)  # the tokens with an adapter
+        self.stacked = _prefer_stacked(indices.numel(), self.groups)
+        if not self.stacked:
+            return
+        present = [slot for slot, _ in self.groups]
+        slots = torch.tensor(present, dtype=torch.long)
+        self.slots = slots
+        # each token's position among the adapters present (0 for the base tokens: masked)
+        position = torch.searchsorted(slots, indices.clamp(min=0))
+        self.position = position.clamp(max=len(present) - 1)
+        one_hot = torch.nn.functional.one_hot(self.position, len(present)).unsqueeze(2)
+        self.one_hot = (one_hot * self.valid.unsqueeze(2)).float()  # base tokens: no columns
+
+
+# Stacked when the grouped form would need more products than this many tokens can amortize:
+# measured on a decode step's shapes (bench/lora_ops.py).
+STACKED_MAX_TOKENS = 256
+
+
+def _prefer_stacked(tokens: int, groups: list[tuple[int, Rows]]) -> bool:
+    interleaved = any(not isinstance(rows, slice) for _, rows in groups)
+    return bool(groups) and tokens <= STACKED_MAX_TOKENS and (interleaved or len(groups) > 2)
+
+
+class _PlanCache:
+    """The plan of the last indices seen. Every LoRA op of a forward pass (shrink and expand of
+    each slice of each adapted layer: 180 calls a step for SmolLM2's fused q/k/v) gets the same
+    indices. The cache compares contents (a few microseconds), not identity: vLLM rewrites its
+    index buffers in place between steps."""
 
     def __init__(self) -> None:
         self.indices: torch.Tensor | None = None
         self.seq_lens: torch.Tensor | None = None
-        self.groups: list[tuple[int, Rows]] = []
+        self.plan = StepPlan(torch.empty(0, dtype=torch.long))
         self.misses = 0
 
-    def get(self, indices: torch.Tensor, seq_lens: torch.Tensor | None) -> list[tuple[int, Rows]]:
+    def get(self, indices: torch.Tensor, seq_lens: torch.Tensor | None) -> StepPlan:
         if not (_same(indices, self.indices) and _same(seq_lens, self.seq_lens)):
             self.misses += 1
             self.indices = indices.clone()
             self.seq_lens = None if seq_lens is None else seq_lens.clone()
-            self.groups = adapter_groups(_token_indices(indices, seq_lens))
-        return self.groups
+            self.plan = StepPlan(_token_indices(indices, seq_lens))
+        return self.plan
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -107,7 +144,7 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-GROUPS = _GroupCache()
+PLANS = _PlanCache()
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,20 +164,24 @@ def _put(target: torch.Tensor, rows: Rows, y: torch.Tensor, add: bool) -> None:
         target.index_add_(0, rows, y) if add else target.index_copy_(0, rows, y)
 
 
-# A matrix product's rounding depends on its row count on the CPU (small products take other
-# kernels: one row differs from two, an expand of fewer than 16 rows from more). Every group is
-# padded to at least this many rows, so a token's result does not depend on how many tokens
-# share its adapter: the same seed gives the same log-probabilities alone and in a batch.
-MIN_ROWS = 16
+# A matrix product's rounding depends on its shape on the CPU: products with fewer than 16 rows,
+# or fewer than 16 columns, take other kernels (one row differs from two; a shrink to rank 8 from
+# the same columns computed among 16 or more). Every product is padded to at least this many rows
+# and columns, so a token's result does not depend on how many tokens share its step or its
+# adapter, nor on which form (grouped or stacked) computed it: the same seed gives the same
+# log-probabilities alone and in any batch.
+MIN_SIDE = 16
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, computed with at least MIN_ROWS rows (see MIN_ROWS)."""
-    rows = x.shape[0]
-    if rows >= MIN_ROWS:
-        return x @ weight.t()
-    padded = torch.cat([x, x.new_zeros(MIN_ROWS - rows, x.shape[1])])
-    return (padded @ weight.t())[:rows]
+    """x @ weight.T, computed with at least MIN_SIDE rows and columns (see MIN_SIDE)."""
+    rows, columns = x.shape[0], weight.shape[0]
+    if rows < MIN_SIDE:
+        x = torch.cat([x, x.new_zeros(MIN_SIDE - rows, x.shape[1])])
+    if columns < MIN_SIDE:
+        weight = torch.cat([weight, weight.new_zeros(MIN_SIDE - columns, weight.shape[1])])
+    y = x @ weight.t()
+    return y if (rows >= MIN_SIDE and columns >= MIN_SIDE) else y[:rows, :columns]
 
 
 def _token_indices(indices: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
@@ -148,12 +189,31 @@ def _token_indices(indices: torch.Tensor, seq_lens: torch.Tensor | None) -> torc
     return indices if seq_lens is None else torch.repeat_interleave(indices, seq_lens)
 
 
-def _matrices(weights: torch.Tensor) -> torch.Tensor:
+def stacked_matrices(weights: torch.Tensor) -> torch.Tensor:
     """(slots, out, in): vLLM stacks adapters as (slots, 1, out, in)."""
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _shrink(
+def _all_zero(weights: torch.Tensor) -> bool:
+    """Whether every adapter's matrices here are zeros: a fused layer's slice that no adapter
+    targets (k of q/k/v, when the adapters target q and v) is a third of a step's LoRA ops, and
+    its products are zeros. Remembered on the tensor with its version counter, which every
+    in-place write (vLLM loading or resetting an adapter in a slot) bumps."""
+    known = getattr(weights, "_ivonserve_all_zero", None)
+    if known is None or known[0] != weights._version:
+        known = (weights._version, not bool(weights.any()))
+        weights._ivonserve_all_zero = known
+    return known[1]
+
+
+def _present(matrices: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    """The matrices of the adapters present, in slot order (a view when that is every slot)."""
+    if plan.slots.numel() == matrices.shape[0]:
+        return matrices
+    return matrices.index_select(0, plan.slots)
+
+
+def shrink(
     inputs: torch.Tensor,
     weights: torch.Tensor,
     output: torch.Tensor,
@@ -162,15 +222,27 @@ def _shrink(
     scaling: float,
 ) -> None:
     CALLS.count += 1
-    matrices = _matrices(weights)
+    matrices = stacked_matrices(weights)
     rank = matrices.shape[1]
+    plan = PLANS.get(indices, seq_lens)
+    if _all_zero(weights):
+        output[:, :rank].masked_fill_(plan.valid, 0)
+        return
     x = _as(inputs, output.dtype)
-    for slot, rows in GROUPS.get(indices, seq_lens):
+    if plan.stacked:
+        a = _as(_present(matrices, plan), output.dtype)
+        every = _product(x, a.reshape(-1, a.shape[-1])).view(x.shape[0], -1, rank)
+        own = every.gather(1, plan.position.view(-1, 1, 1).expand(-1, 1, rank)).squeeze(1)
+        own = own if scaling == 1.0 else own.mul_(scaling)
+        target = output[:, :rank]
+        target.copy_(torch.where(plan.valid, own, target))
+        return
+    for slot, rows in plan.groups:
         y = _product(_take(x, rows), _as(matrices[slot], output.dtype))
         _put(output[:, :rank], rows, y if scaling == 1.0 else y.mul_(scaling), add=False)
 
 
-def _expand(
+def expand(
     inputs: torch.Tensor,
     weights: torch.Tensor,
     output: torch.Tensor,
@@ -181,10 +253,22 @@ def _expand(
     add_inputs: bool,
 ) -> None:
     CALLS.count += 1
-    matrices = _matrices(weights)
+    matrices = stacked_matrices(weights)
     target = output[:, offset : offset + size]
+    plan = PLANS.get(indices, seq_lens)
+    if _all_zero(weights):
+        if not add_inputs:
+            target.masked_fill_(plan.valid, 0)
+        return
     x = _as(inputs, output.dtype)
-    for slot, rows in GROUPS.get(indices, seq_lens):
+    if plan.stacked:
+        b = _as(_present(matrices, plan)[:, :size], output.dtype)  # (adapters, size, rank)
+        # each token's input in its adapter's columns, zeros in the others'
+        spread = (x.unsqueeze(1) * _as(plan.one_hot, x.dtype)).flatten(1)
+        y = _product(spread, b.transpose(0, 1).reshape(size, -1))
+        target.add_(y) if add_inputs else target.copy_(torch.where(plan.valid, y, target))
+        return
+    for slot, rows in plan.groups:
         # a one-token input over every row broadcasts, as in vLLM
         y = _product(_take(x, rows), _as(matrices[slot, :size], output.dtype))
         _put(target, rows, y, add_inputs)
@@ -204,10 +288,10 @@ def _register_ops() -> None:
     if hasattr(torch.ops.ivonserve, "lora_shrink"):
         return
     direct_register_custom_op(
-        "lora_shrink", _shrink, ["output"], _shrink_fake, target_lib=_LIB, dispatch_key="CPU"
+        "lora_shrink", shrink, ["output"], _shrink_fake, target_lib=LIBRARY, dispatch_key="CPU"
     )
     direct_register_custom_op(
-        "lora_expand", _expand, ["output"], _expand_fake, target_lib=_LIB, dispatch_key="CPU"
+        "lora_expand", expand, ["output"], _expand_fake, target_lib=LIBRARY, dispatch_key="CPU"
     )
 
 
@@ -220,7 +304,7 @@ def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scal
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
     # vLLM writes the columns adapter and output share (their padding may differ)
-    common = min(_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
+    common = min(stacked_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
     bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, common,
                       add_inputs)  # fmt: skip
 
@@ -275,7 +359,7 @@ def sgmv_expand(
     token_nums,
     add_inputs=False,
 ):
-    common = min(_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
+    common = min(stacked_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
     sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
                       lora_indices_tensor, batches, max_seq_length, token_nums, 0, common,
                       add_inputs)  # fmt: skip
