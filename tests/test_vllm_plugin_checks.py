@@ -112,7 +112,9 @@ def test_the_compiled_lora_path_refuses_a_cpu_platform_it_was_not_written_agains
         punica.apply()
 
 
-def test_vllms_cpu_configuration_runs_as_for_a_model_without_lora_and_keeps_the_lora_config():
+def test_vllms_cpu_configuration_runs_as_for_a_model_without_lora_and_keeps_the_lora_config(
+    monkeypatch,
+):
     from types import SimpleNamespace
 
     from ivonserve.vllm_plugin import punica
@@ -131,3 +133,8 @@ def test_vllms_cpu_configuration_runs_as_for_a_model_without_lora_and_keeps_the_
     with pytest.raises(ValueError, match="a bad config"):
         compiling(None, config)
     assert config.lora_config == "the LoRA config"  # restored when vLLM refuses the config too
+    # an engine of vLLM's own ops (in a process that also ran grouped ones) keeps vLLM's path
+    monkeypatch.setenv(plugin.LORA_KERNEL_ENV, "vllm")
+    seen.clear()
+    compiling(None, config)
+    assert seen == ["the LoRA config"]

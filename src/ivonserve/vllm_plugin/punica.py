@@ -20,12 +20,13 @@ compiles any other (``--enforce-eager`` still turns it off).
 from __future__ import annotations
 
 import inspect
+import os
 import weakref
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from ivonserve.vllm_plugin import PluginError, lora_ops
+from ivonserve.vllm_plugin import LORA_KERNEL_ENV, PluginError, lora_ops
 
 QUALNAME = f"{__name__}.GroupedPunicaWrapperCPU"
 VLLM_QUALNAME = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
@@ -147,9 +148,14 @@ def apply() -> str:
 
 def _compiling_lora(check):
     """vLLM's own configuration of the CPU, as for a model without LoRA: the one line that turns
-    compilation off for LoRA is what this wrapper makes unnecessary."""
+    compilation off for LoRA is what this wrapper makes unnecessary. Decided per engine, by the
+    kernel its workers will load (a process may start engines of both kernels, as
+    bench/fanout.py does): vLLM's own ops keep vLLM's eager LoRA path."""
 
     def check_and_update_config(cls, vllm_config) -> None:
+        if os.environ.get(LORA_KERNEL_ENV, "grouped") != "grouped":
+            check(cls, vllm_config)
+            return
         lora_config = vllm_config.lora_config
         vllm_config.lora_config = None
         try:
