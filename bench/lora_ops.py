@@ -58,8 +58,7 @@ def pair(form: str, x, a, b, indices) -> None:
 
 def timed(form: str, x, a, b, indices, calls: int) -> float:
     if form != "vllm":
-        lora_ops._prefer_stacked = lambda tokens, groups: form == "stacked" and bool(groups)
-        lora_ops.PLANS.indices = None  # a new plan in this form
+        lora_ops.PLANS.use_form(form)
     pair(form, x, a, b, indices)
     began = time.perf_counter()
     for _ in range(calls):
@@ -74,7 +73,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    lora_ops._register_ops()
+    lora_ops.register_lora_ops()
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     load_start = os.getloadavg()

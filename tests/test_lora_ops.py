@@ -11,7 +11,7 @@ from vllm.lora.ops import torch_ops
 
 from ivonserve.vllm_plugin import lora_ops
 
-lora_ops._register_ops()
+lora_ops.register_lora_ops()
 
 SLOTS, RANK, HIDDEN = 5, 8, 96
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -140,6 +140,39 @@ def test_a_fan_outs_decode_step_takes_the_stacked_form_and_a_long_prefill_the_gr
     assert not lora_ops.StepPlan(prefill).stacked
     assert not lora_ops.StepPlan(torch.full((64,), 2)).stacked  # one adapter: one product
     assert not lora_ops.StepPlan(torch.full((64,), -1)).stacked
+
+
+def test_a_form_can_be_forced_and_an_unknown_one_is_refused():
+    decode = (torch.arange(4).repeat_interleave(8) + 1).repeat(2)
+    assert not lora_ops.StepPlan(decode, "grouped").stacked
+    assert lora_ops.StepPlan(torch.full((1200,), 2), "stacked").stacked
+    assert not lora_ops.StepPlan(torch.full((8,), -1), "stacked").stacked  # nothing to stack
+    with pytest.raises(ValueError, match="form must be one of"):
+        lora_ops.StepPlan(decode, "fast")
+    with pytest.raises(ValueError, match="form must be one of"):
+        lora_ops.PLANS.use_form("fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_forced_form_gives_the_same_bits_as_the_other(dtype):
+    """bench/lora_ops.py times each form on the same step: they must compute the same thing."""
+    g = torch.Generator().manual_seed(5)
+    indices = torch.arange(48) % SLOTS - 1  # interleaved adapters and base tokens
+    x = torch.randn(48, HIDDEN, generator=g).to(dtype)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype)
+    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g).to(dtype)
+    results = []
+    try:
+        for form in ("grouped", "stacked"):
+            lora_ops.PLANS.use_form(form)
+            shrunk, out = torch.zeros(48, RANK), torch.zeros(48, HIDDEN, dtype=dtype)
+            lora_ops.bgmv_shrink(x, a, shrunk, indices, 0.5)
+            lora_ops.bgmv_expand(shrunk, b, out, indices, True)
+            assert lora_ops.PLANS.plan.stacked is (form == "stacked")
+            results.append((shrunk, out))
+    finally:
+        lora_ops.PLANS.use_form("auto")
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("tokens", [64, 1200])

@@ -18,6 +18,7 @@ tokens.
 """
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch.library import Library
@@ -91,10 +92,13 @@ class StepPlan:
     arithmetic (rank 8 x the adapters present, next to the base model's hidden size). A long
     prefill is a few contiguous runs, where the grouped form's arithmetic is what counts."""
 
-    def __init__(self, indices: torch.Tensor) -> None:
+    def __init__(self, indices: torch.Tensor, form: str = "auto") -> None:
+        _check_form(form)
         self.groups = adapter_groups(indices)
         self.valid = (indices >= 0).unsqueeze(1)  # the tokens with an adapter
-        self.stacked = _prefer_stacked(indices.numel(), self.groups)
+        self.stacked = bool(self.groups) and (
+            form == "stacked" or (form == "auto" and _prefer_stacked(indices.numel(), self.groups))
+        )
         if not self.stacked:
             return
         present = [slot for slot, _ in self.groups]
@@ -104,7 +108,23 @@ class StepPlan:
         position = torch.searchsorted(slots, indices.clamp(min=0))
         self.position = position.clamp(max=len(present) - 1)
         one_hot = torch.nn.functional.one_hot(self.position, len(present)).unsqueeze(2)
-        self.one_hot = (one_hot * self.valid.unsqueeze(2)).float()  # base tokens: no columns
+        self._one_hot = {torch.float32: (one_hot * self.valid.unsqueeze(2)).float()}
+
+    def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """(tokens, adapters present, 1): 1 in each token's adapter, 0 elsewhere and for the base
+        tokens; kept per dtype, since every expand of the step asks for it."""
+        if dtype not in self._one_hot:
+            self._one_hot[dtype] = self._one_hot[torch.float32].to(dtype)
+        return self._one_hot[dtype]
+
+
+# "auto" picks by the step's shape (_prefer_stacked); the others force a form (bench/lora_ops.py)
+FORMS = ("auto", "grouped", "stacked")
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
 
 
 # Stacked when the grouped form would need more products than this many tokens can amortize:
@@ -114,7 +134,7 @@ STACKED_MAX_TOKENS = 256
 
 def _prefer_stacked(tokens: int, groups: list[tuple[int, Rows]]) -> bool:
     interleaved = any(not isinstance(rows, slice) for _, rows in groups)
-    return bool(groups) and tokens <= STACKED_MAX_TOKENS and (interleaved or len(groups) > 2)
+    return tokens <= STACKED_MAX_TOKENS and (interleaved or len(groups) > 2)
 
 
 class _PlanCache:
@@ -126,15 +146,21 @@ class _PlanCache:
     def __init__(self) -> None:
         self.indices: torch.Tensor | None = None
         self.seq_lens: torch.Tensor | None = None
+        self.form = "auto"
         self.plan = StepPlan(torch.empty(0, dtype=torch.long))
         self.misses = 0
+
+    def use_form(self, form: str) -> None:
+        """Plan every later step in this form (FORMS); the next call plans anew."""
+        _check_form(form)
+        self.form, self.indices = form, None
 
     def get(self, indices: torch.Tensor, seq_lens: torch.Tensor | None) -> StepPlan:
         if not (_same(indices, self.indices) and _same(seq_lens, self.seq_lens)):
             self.misses += 1
             self.indices = indices.clone()
             self.seq_lens = None if seq_lens is None else seq_lens.clone()
-            self.plan = StepPlan(_token_indices(indices, seq_lens))
+            self.plan = StepPlan(_token_indices(indices, seq_lens), self.form)
         return self.plan
 
 
@@ -264,7 +290,7 @@ def expand(
     if plan.stacked:
         b = _as(_present(matrices, plan)[:, :size], output.dtype)  # (adapters, size, rank)
         # each token's input in its adapter's columns, zeros in the others'
-        spread = (x.unsqueeze(1) * _as(plan.one_hot, x.dtype)).flatten(1)
+        spread = (x.unsqueeze(1) * plan.one_hot(x.dtype)).flatten(1)
         y = _product(spread, b.transpose(0, 1).reshape(size, -1))
         target.add_(y) if add_inputs else target.copy_(torch.where(plan.valid, y, target))
         return
@@ -282,17 +308,21 @@ def _expand_fake(inputs, weights, output, indices, seq_lens, offset, size, add_i
     return None
 
 
-def _register_ops() -> None:
+def register_ops(ops: dict[str, tuple[Callable, Callable]]) -> None:
+    """Register each op (name: (CPU implementation, fake)) in ivonserve's torch library, once per
+    process; every op writes its ``output`` argument in place."""
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    if hasattr(torch.ops.ivonserve, "lora_shrink"):
-        return
-    direct_register_custom_op(
-        "lora_shrink", shrink, ["output"], _shrink_fake, target_lib=LIBRARY, dispatch_key="CPU"
-    )
-    direct_register_custom_op(
-        "lora_expand", expand, ["output"], _expand_fake, target_lib=LIBRARY, dispatch_key="CPU"
-    )
+    for name, (op, fake) in ops.items():
+        if not hasattr(torch.ops.ivonserve, name):
+            direct_register_custom_op(
+                name, op, ["output"], fake, target_lib=LIBRARY, dispatch_key="CPU"
+            )
+
+
+def register_lora_ops() -> None:
+    """The ops behind vLLM's op signatures below."""
+    register_ops({"lora_shrink": (shrink, _shrink_fake), "lora_expand": (expand, _expand_fake)})
 
 
 # --- vLLM's op signatures, calling the grouped ops ---------------------------------------------
@@ -415,7 +445,7 @@ def apply() -> str:
                 f"(expected parameters {expected}, found {found}): vllm_plugin/lora_ops.py "
                 "needs review for this vLLM version, or run with --lora-kernel vllm"
             )
-    _register_ops()
+    register_lora_ops()
     for name, op in GROUPED.items():
         setattr(punica_cpu, name, op)
     return "grouped"

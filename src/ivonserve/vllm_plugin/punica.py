@@ -110,20 +110,6 @@ def _expand_live_fake(output, inputs, weights, offset, size, add_inputs, wrapper
     return None
 
 
-def _register_ops() -> None:
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    if hasattr(torch.ops.ivonserve, "lora_shrink_live"):
-        return
-    for name, op, fake in (
-        ("lora_shrink_live", _shrink_live, _shrink_live_fake),
-        ("lora_expand_live", _expand_live, _expand_live_fake),
-    ):
-        direct_register_custom_op(
-            name, op, ["output"], fake, target_lib=lora_ops.LIBRARY, dispatch_key="CPU"
-        )
-
-
 def apply() -> str:
     """Make vLLM's CPU platform build this wrapper, and compile LoRA models; returns the
     wrapper's class name."""
@@ -139,7 +125,12 @@ def apply() -> str:
             "LoRA path was written against: vllm_plugin/punica.py needs review for this vLLM "
             "version, or run with --lora-kernel vllm"
         )
-    _register_ops()
+    lora_ops.register_ops(
+        {
+            "lora_shrink_live": (_shrink_live, _shrink_live_fake),
+            "lora_expand_live": (_expand_live, _expand_live_fake),
+        }
+    )
     if found == VLLM_QUALNAME:
         CpuPlatform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
         CpuPlatform.check_and_update_config = classmethod(_compiling_lora(check))
