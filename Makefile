@@ -82,7 +82,7 @@ URL ?= http://127.0.0.1:8000
 bench-soak: setup
 	$(BIN)/python bench/soak.py --url $(URL) --out bench/results/soak $(ARGS)
 
-# oneDNN's primitive cache uncapped against capped (CAPS="default 64"), a soak each (~20 min each)
+# oneDNN's primitive cache at its default against capped (CAPS="1024 64"), a soak each (~20 min each)
 bench-soak-onednn: setup
 	bash bench/soak_onednn.sh
 

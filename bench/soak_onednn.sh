@@ -3,13 +3,14 @@
 # (bench/soak.py: 600 requests at concurrency 4, a phase of long prompts, a burst) against one
 # server per choice, each started the way `make serve` starts it (tcmalloc, the product's
 # defaults), one after the other on a quiet machine; memory of every process of the server and
-# latency side by side in OUT/report.md. README: Soak.
+# latency side by side in OUT/report.md. README: Soak. A cap is a number (1024 is oneDNN's own
+# default), or `unset`: no variable, ivonserve's default (engine.CPU_ONEDNN_CACHE_CAPACITY).
 #
-#   bash bench/soak_onednn.sh                 # CAPS="default 64" REQUESTS=600
+#   bash bench/soak_onednn.sh                 # CAPS="1024 64" REQUESTS=600
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CAPS=${CAPS:-default 64}
+CAPS=${CAPS:-1024 64}
 REQUESTS=${REQUESTS:-600}
 PORT=${PORT:-8123}
 OUT=${OUT:-bench/results/soak-onednn}
@@ -17,8 +18,8 @@ TCMALLOC=$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null | head -
 mkdir -p "$OUT"
 for cap in $CAPS; do
   log=$OUT/serve-$cap.log
-  env=()
-  [ "$cap" = default ] || env+=("ONEDNN_PRIMITIVE_CACHE_CAPACITY=$cap")
+  env=(-u ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+  [ "$cap" = unset ] || env+=("ONEDNN_PRIMITIVE_CACHE_CAPACITY=$cap")
   [ -z "$TCMALLOC" ] || env+=("LD_PRELOAD=$TCMALLOC")
   env "${env[@]}" .venv/bin/ivonserve serve --pool-size 4 --port "$PORT" --max-model-len 1024 \
     --max-in-flight 4 --max-queued 8 --log-level warning >"$log" 2>&1 &

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import POOL_SIZE
 
-from ivonserve.engine import RESERVED_CPU_ENV, SamplingOptions
+from ivonserve.engine import (
+    CPU_ONEDNN_CACHE_CAPACITY,
+    ONEDNN_CACHE_ENV,
+    RESERVED_CPU_ENV,
+    SamplingOptions,
+)
 from ivonserve.server import serving
 
 pytestmark = pytest.mark.engine
@@ -60,6 +65,13 @@ def test_vllms_worker_computes_on_every_core(live, engine):
     compute."""
     assert os.environ.get(RESERVED_CPU_ENV) == "0"
     assert _status(live, engine)["omp_threads"] == len(_cores_of_first_numa_node())
+
+
+def test_vllms_worker_caps_onednns_primitive_cache(live, engine):
+    """Uncapped, oneDNN's cache of GEMM primitives per shape grows vLLM's worker without
+    levelling off (README, Soak); the worker itself must see the cap, not only this process."""
+    assert os.environ.get(ONEDNN_CACHE_ENV) == CPU_ONEDNN_CACHE_CAPACITY  # the engine set it
+    assert _status(live, engine)["onednn_primitive_cache_capacity"] == CPU_ONEDNN_CACHE_CAPACITY
 
 
 def _sampled(seed: int) -> SamplingOptions:

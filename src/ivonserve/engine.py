@@ -67,6 +67,12 @@ logger = logging.getLogger("ivonserve.engine")
 # makes it 0 unless the user set it (bench/results/fanout.md: the fan-out and /score ran
 # faster with every core computing); explicit VLLM_CPU_OMP_THREADS_BIND core lists ignore it.
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+# oneDNN caches a GEMM primitive per shape (1,024 by default), and vLLM's CPU worker meets a new
+# token count nearly every step: uncapped, the worker grew +713 and +329 MiB in two 600-request
+# soaks and did not level off; capped at 64, +241 and +63 MiB, flat, at the same latency (README,
+# Soak; bench/results/soak-onednn/). ivonserve sets the cap for vLLM's processes unless set.
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+CPU_ONEDNN_CACHE_CAPACITY = "64"
 
 _SEED_MASK = (1 << 62) - 1  # vLLM adds the sample index to a request's seed: stay inside int64
 CPU_DEFAULT_KV_CACHE_GIB = 1.0
@@ -338,6 +344,7 @@ class Engine:
         os.environ[LORA_KERNEL_ENV] = self.lora_kernel(current_platform.is_cpu())
         if current_platform.is_cpu():
             os.environ.setdefault(RESERVED_CPU_ENV, "0")
+            os.environ.setdefault(ONEDNN_CACHE_ENV, CPU_ONEDNN_CACHE_CAPACITY)
         logger.info("starting vLLM: %s", self.engine_args)
         try:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))

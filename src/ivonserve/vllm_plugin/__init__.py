@@ -75,6 +75,8 @@ def status() -> dict[str, Any]:
         **_applied,
         "pid": os.getpid(),
         "omp_threads": torch.get_num_threads(),  # the cores this process computes on
+        # the cap on oneDNN's per-shape GEMM cache that this process started with (engine.py)
+        "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
         "generator_rewinds": seeds.REWINDS.count,
         "grouped_lora_calls": lora_ops.CALLS.count,
     }
