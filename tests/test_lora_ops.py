@@ -205,6 +205,28 @@ def test_a_slice_no_adapter_targets_gives_zeros_until_an_adapter_is_written_in(t
     _close(got_out[present], want_out[present], torch.float32)
 
 
+def test_the_stacked_form_sees_an_adapter_rewritten_between_steps():
+    """The stacked form keeps its layout of the weights across steps; vLLM loading another
+    adapter into a slot (an in-place write) must replace it."""
+    g = torch.Generator().manual_seed(6)
+    idx = (torch.arange(4).repeat_interleave(8) + 1).repeat(2)  # a decode step: stacked
+    x = torch.randn(len(idx), HIDDEN, generator=g)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g)
+    b = torch.randn(SLOTS, 1, HIDDEN, RANK, generator=g)
+    for _ in range(2):
+        a[2, 0].copy_(torch.randn(RANK, HIDDEN, generator=g))
+        b[2, 0].copy_(torch.randn(HIDDEN, RANK, generator=g))
+        want, got = torch.zeros(len(idx), RANK), torch.zeros(len(idx), RANK)
+        torch_ops.bgmv_shrink(x, a, want, idx, 1.0)
+        lora_ops.bgmv_shrink(x, a, got, idx, 1.0)
+        assert lora_ops.PLANS.plan.stacked
+        _close(got, want, torch.float32)
+        want_out, got_out = torch.zeros(len(idx), HIDDEN), torch.zeros(len(idx), HIDDEN)
+        torch_ops.bgmv_expand(got, b, want_out, idx, True)
+        lora_ops.bgmv_expand(got, b, got_out, idx, True)
+        _close(got_out, want_out, torch.float32)
+
+
 def _shown(groups):
     return [(slot, rows if isinstance(rows, slice) else rows.tolist()) for slot, rows in groups]
 

@@ -239,6 +239,27 @@ def _present(matrices: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return matrices.index_select(0, plan.slots)
 
 
+def _stacked_layout(
+    weights: torch.Tensor, plan: StepPlan, dtype: torch.dtype, size: int | None = None
+) -> torch.Tensor:
+    """The present adapters' matrices laid out for the stacked form's one product: (adapters x
+    rank, in) for a shrink, (size, adapters x rank) for an expand (size: None for a shrink).
+    Laying them out copies them, and every step of a decode asks for the same layout: it is kept
+    on the tensor until the step's adapters change or a write (an adapter loaded into a slot)
+    bumps the tensor's version counter."""
+    key = (weights._version, plan, dtype, size)
+    kept = getattr(weights, "_ivonserve_stacked", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    present = _as(_present(stacked_matrices(weights), plan), dtype)
+    if size is None:
+        layout = present.reshape(-1, present.shape[-1])
+    else:
+        layout = present[:, :size].transpose(0, 1).reshape(size, -1)
+    weights._ivonserve_stacked = (key, layout)
+    return layout
+
+
 def shrink(
     inputs: torch.Tensor,
     weights: torch.Tensor,
@@ -256,8 +277,8 @@ def shrink(
         return
     x = _as(inputs, output.dtype)
     if plan.stacked:
-        a = _as(_present(matrices, plan), output.dtype)
-        every = _product(x, a.reshape(-1, a.shape[-1])).view(x.shape[0], -1, rank)
+        a = _stacked_layout(weights, plan, output.dtype)
+        every = _product(x, a).view(x.shape[0], -1, rank)
         own = every.gather(1, plan.position.view(-1, 1, 1).expand(-1, 1, rank)).squeeze(1)
         own = own if scaling == 1.0 else own.mul_(scaling)
         target = output[:, :rank]
@@ -288,10 +309,10 @@ def expand(
         return
     x = _as(inputs, output.dtype)
     if plan.stacked:
-        b = _as(_present(matrices, plan)[:, :size], output.dtype)  # (adapters, size, rank)
+        b = _stacked_layout(weights, plan, output.dtype, size)  # (size, adapters x rank)
         # each token's input in its adapter's columns, zeros in the others'
         spread = (x.unsqueeze(1) * plan.one_hot(x.dtype)).flatten(1)
-        y = _product(spread, b.transpose(0, 1).reshape(size, -1))
+        y = _product(spread, b)
         target.add_(y) if add_inputs else target.copy_(torch.where(plan.valid, y, target))
         return
     for slot, rows in plan.groups:
