@@ -33,6 +33,8 @@ import contextlib
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,6 +47,11 @@ from common import PROMPTS, spread
 from ivonserve.vllm_plugin import LORA_KERNEL_ENV
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# An arm is frozen as soon as its last output arrives, which can be while its engine core still
+# waits on a step it sent to its worker. vLLM times that wait in wall-clock time, frozen or not:
+# with the default 300 s, an engine died on thawing once the other arms had run longer than that
+# (emulated bf16, 2026-12-04: the step's deadline had begun while its arm was frozen).
+os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
 
 
 # --- engines, each with the processes it started (to freeze them while another arm runs) -------
@@ -388,6 +395,12 @@ def workloads_for(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {name: every[name] for name in args.workloads}
 
 
+def _workload_line(cfg: dict[str, Any], workload: str) -> str:
+    if workload == "decode":
+        return f"decode-heavy: GSM8k prompts, {cfg['decode_tokens']} tokens out"
+    return f"prefill-heavy: {cfg['prefill_words']}-word prompts, {cfg['prefill_tokens']} tokens out"
+
+
 def write(out: Path, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "fanout.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -399,11 +412,12 @@ def write(out: Path, result: dict[str, Any]) -> None:
         f"at the start, {machine['load_end']} at the end. Model "
         f"{cfg['model'] or 'embedded SmolLM2-135M'}, posterior {cfg['posterior']}; "
         f"{cfg['prompts']} prompts x K={cfg['draws']} draws x S={cfg['samples']} samples; "
-        f"decode-heavy: GSM8k prompts, {cfg['decode_tokens']} tokens out; prefill-heavy: "
-        f"{cfg['prefill_words']}-word prompts, {cfg['prefill_tokens']} tokens out (ignore_eos); "
-        f"{cfg['repeats']} rounds alternated, only the measured arm's engine running (the "
-        "others frozen with SIGSTOP). Generated tokens per second.",
+        + "; ".join(_workload_line(cfg, w) for w in cfg["workloads"])
+        + f" (ignore_eos); {cfg['repeats']} rounds alternated, only the measured arm's engine "
+        "running (the others frozen with SIGSTOP). Generated tokens per second.",
     ]
+    if "command" in cfg:
+        lines += ["", f"`{cfg['command']}`"]
     for dtype, per in result["dtypes"].items():
         for wname in [w for w in ("decode", "prefill") if w in per]:
             w = per[wname]
@@ -473,6 +487,7 @@ def main() -> None:
                "python": platform.python_version(),
                "load_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config["command"] = shlex.join([".venv/bin/python", *sys.argv])
     result = {"config": config, "machine": machine, "dtypes": {}}
     for dtype in args.dtypes:  # written after each part: a long run stopped keeps what it had
         result["dtypes"][dtype] = asyncio.run(one_dtype(args, dtype, workloads_for(args)))

@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def write(args, results, load_start, load_end) -> None:
         "",
         f"{meta['machine']}; {args.dtype}, hidden {HIDDEN}, rank {RANK}; median of "
         f"{args.rounds} rounds of {args.calls} calls, forms alternated. "
-        "`.venv/bin/python bench/lora_ops.py`",
+        f"`{shlex.join(['.venv/bin/python', *sys.argv])}`",
         "",
         "| step | vLLM's ops | grouped | stacked | vLLM / best |",
         "|---|---|---|---|---|",
