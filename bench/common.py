@@ -3,7 +3,9 @@ on ``sys.path``, so each imports this module as ``common``."""
 
 from __future__ import annotations
 
+import shlex
 import statistics
+import sys
 
 # The first GSM8k training questions: realistic prompt lengths, the same in every benchmark.
 PROMPTS = [
@@ -22,3 +24,9 @@ PROMPTS = [
 def spread(values: list[float]) -> dict[str, float]:
     """Median and range: what the results report for every repeated measurement."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that reproduces a run, as its report prints it: the venv's python, the script
+    and the arguments it got (argv, when main was called with its own, else the command line)."""
+    return shlex.join([".venv/bin/python", script, *(sys.argv[1:] if argv is None else argv)])

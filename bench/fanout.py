@@ -33,8 +33,6 @@ import contextlib
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import PROMPTS, spread
+from common import PROMPTS, command_line, spread
 
 from ivonserve.vllm_plugin import LORA_KERNEL_ENV
 
@@ -487,7 +485,7 @@ def main() -> None:
                "python": platform.python_version(),
                "load_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config["command"] = shlex.join([".venv/bin/python", *sys.argv])
+    config["command"] = command_line("bench/fanout.py")
     result = {"config": config, "machine": machine, "dtypes": {}}
     for dtype in args.dtypes:  # written after each part: a long run stopped keeps what it had
         result["dtypes"][dtype] = asyncio.run(one_dtype(args, dtype, workloads_for(args)))

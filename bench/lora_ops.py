@@ -13,13 +13,12 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command_line
 from vllm.lora.ops import torch_ops
 
 from ivonserve.vllm_plugin import lora_ops
@@ -111,7 +110,7 @@ def write(args, results, load_start, load_end) -> None:
         "",
         f"{meta['machine']}; {args.dtype}, hidden {HIDDEN}, rank {RANK}; median of "
         f"{args.rounds} rounds of {args.calls} calls, forms alternated. "
-        f"`{shlex.join(['.venv/bin/python', *sys.argv])}`",
+        f"`{command_line('bench/lora_ops.py')}`",
         "",
         "| step | vLLM's ops | grouped | stacked | vLLM / best |",
         "|---|---|---|---|---|",

@@ -36,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import command_line
+
 from ivonserve.answers import extract_answer
 from ivonserve.mbr import METHODS, UTILITIES, Candidate, select
 from ivonserve.mbr.methods import _pick
@@ -310,9 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/mbr.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info["loadavg_at_end"] = _loadavg()
-    report = {"machine": info, "command": command.strip(), "method": "model", "rows": rows}
+    report = {
+        "machine": info,
+        "command": command_line("bench/mbr.py", argv),
+        "method": "model",
+        "rows": rows,
+    }
     (out / "mbr.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "mbr.md").write_text(markdown(report), encoding="utf-8")
     return 0
