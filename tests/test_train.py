@@ -10,16 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_tiny_model, write_train_data
+from tiny import make_tiny_model, write_mc_data, write_train_data
 
+from ivonserve import choices as mc
 from ivonserve.answers import gsm8k_answer_to_target
 from ivonserve.errors import IvonserveError
 from ivonserve.posterior import Posterior
 from ivonserve.train import (
     TrainConfig,
+    answer_loss,
     batch_indices,
+    build_model,
+    collate,
+    encode,
     encode_example,
     load_examples,
+    lr_factor,
     train,
 )
 
@@ -144,3 +150,84 @@ def test_cli_errors_are_one_line(tmp_path, data):
     assert "posterior.json: missing file" in run.stderr
     run = _cli("train", "--data", str(data), "--out", str(tmp_path / "x"), "--model", str(tmp_path))
     assert run.returncode == 2 and "not a transformers model folder" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def mc_data(tmp_path_factory) -> Path:
+    return write_mc_data(tmp_path_factory.mktemp("mc") / "mc.jsonl")
+
+
+def test_multiple_choice_rows_are_detected_and_trained_on_the_letter_alone(model_dir, mc_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_examples(mc_data, holdout=2)
+    assert all(isinstance(e, mc.MCQuestion) for e in examples) and len(examples) == 4
+    question = examples[2]  # five choices, the right one C
+    row = encode(tokenizer, question, 320)
+    prompt = mc.prompt_ids(tokenizer, question.question, question.choices)
+    assert row["input_ids"] == [*prompt, mc.letter_token_ids(tokenizer, 5)[2]]
+    assert [t for t in row["labels"] if t != -100] == [row["input_ids"][-1]]
+    short = encode(tokenizer, question, 8)  # cut from the left: the letter stays
+    assert len(short["input_ids"]) == 8 and short["labels"][-1] == row["input_ids"][-1]
+    with pytest.raises(IvonserveError, match="expected a JSON object with 'question' and 'answer'"):
+        load_examples(mc_data, format="qa")
+
+
+@pytest.mark.parametrize("kind", ["qa", "mc"])
+def test_answer_loss_equals_the_models_own_loss(model_dir, data, mc_data, kind):
+    config = _config(data, Path("unused"))
+    model, tokenizer = build_model(config, model_dir)
+    examples = load_examples(mc_data if kind == "mc" else data)
+    batch = collate([encode(tokenizer, e, 64) for e in examples[:3]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(**batch).loss
+        assert answer_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_learning_rate_schedules():
+    linear = TrainConfig(data="", out="", steps=10, lr_schedule="linear", warmup_steps=2)
+    factors = [lr_factor(linear, s) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert factors[-1] == pytest.approx(1 / 8) and factors == sorted(factors[:2]) + sorted(
+        factors[2:], reverse=True
+    )
+    constant = TrainConfig(data="", out="", steps=10)
+    assert {lr_factor(constant, s) for s in range(10)} == {1.0}
+
+
+def test_a_decaying_run_cannot_change_its_budget_on_resume(model_dir, data, tmp_path):
+    config = _config(data, tmp_path / "run", steps=2, lr_schedule="linear")
+    out = train(config, model_dir, progress=False)
+    log = [json.loads(ln) for ln in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in log] == pytest.approx([0.03, 0.015])
+    with pytest.raises(IvonserveError, match=r"checkpoint of a different run.*steps"):
+        train(_config(data, tmp_path / "run", steps=4, lr_schedule="linear"), model_dir, False)
+
+
+@pytest.mark.parametrize("optimizer", ["ivon", "adamw"])
+def test_multiple_choice_run_scores_its_validation_slice(model_dir, mc_data, tmp_path, optimizer):
+    config = _config(mc_data, tmp_path / optimizer, optimizer=optimizer, holdout=2, eval_draws=2)
+    out = train(config, model_dir, progress=False)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["questions"] == 2 and report["ece_bins"] == 15
+    arms = {"ivon": {"mean", "bma1", "bma2"}, "adamw": {"adamw"}}[optimizer]
+    assert set(report["arms"]) == arms
+    for values in report["arms"].values():
+        assert set(values) == {"accuracy", "nll", "ece", "brier"}
+        assert 0 < values["nll"] < 10 and 0 <= values["ece"] <= 1
+    if optimizer == "ivon":  # the draws are not the mean, and the RNG of the run is untouched
+        assert report["arms"]["bma1"] != report["arms"]["mean"]
+
+
+def test_cli_takes_the_recipes_flags():
+    from ivonserve.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--data", "d", "--out", "o", "--format", "mc", "--lr-schedule", "linear",
+         "--warmup-steps", "3", "--weight-decay", "0", "--precision", "float32"]
+    )  # fmt: skip
+    assert (args.format, args.lr_schedule, args.warmup_steps) == ("mc", "linear", 3)
+    assert (args.weight_decay, args.precision) == (0.0, "float32")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--lr-schedule", "cos"])

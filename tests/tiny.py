@@ -84,6 +84,24 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     return out
 
 
+MC_ROWS = [
+    {"id": "mc/0", "question": "What is 2 + 3?", "choices": ["5", "6", "4", "7"], "label": 0},
+    {"id": "mc/1", "question": "Half of 48?", "choices": ["12", "24"], "label": 1},
+    {"id": "mc/2", "question": "What is 4 * 6?", "choices": ["10", "20", "24", "30", "42"],
+     "label": 2},
+    {"id": "mc/3", "question": "What is 10 - 7?", "choices": ["7", "5", "3"], "label": 2},
+    {"id": "mc/4", "question": "Which clips did she sell?", "choices": ["48", "24", "72", "96"],
+     "label": 2},
+    {"id": "mc/5", "question": "How many dollars an hour?", "choices": ["12", "50"], "label": 0},
+]  # fmt: skip
+
+
+def write_mc_data(path: Path) -> Path:
+    """Multiple-choice rows with 2 to 5 choices (the shared/data/mc format)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in MC_ROWS))
+    return path
+
+
 def write_train_data(path: Path) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in TRAIN_ROWS))
     return path

@@ -1,8 +1,12 @@
 """IVON-LoRA finetuning (ivon-opt + peft) that leaves a posterior folder; AdamW as the baseline.
 
-Chat-formatted SFT on question/answer jsonl (GSM8k format), loss on the answer tokens only. The
-batch of step s is a pure function of (seed, s), so a killed run resumes from its last checkpoint by
-reloading the weights and optimizer state and carrying on at the next step.
+Two data formats, told apart by their rows (or ``--format``): question/answer jsonl (GSM8k), a
+chat-formatted SFT with the loss on the answer tokens only; and multiple-choice jsonl
+(``choices``/``label``, see ``ivonserve.choices``), with the loss on the answer letter only. The
+batch and the learning rate of step s are pure functions of (seed, s), so a killed run resumes
+from its last checkpoint by reloading the weights and optimizer state and carrying on at the next
+step. A multiple-choice run with ``--holdout N`` ends by scoring its validation slice
+(``validation.json``): what the learning rate and ess are chosen on.
 """
 
 from __future__ import annotations
@@ -10,19 +14,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from ivonserve import choices as mc
 from ivonserve.answers import gsm8k_answer_to_target
 from ivonserve.errors import IvonserveError
 from ivonserve.posterior import Posterior, write_adapter
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.jsonl"
+VALIDATION = "validation.json"
 DEFAULT_LR = {"ivon": 0.03, "adamw": 2e-4}
 
 
@@ -33,6 +39,7 @@ class TrainConfig:
     data: str
     out: str
     model: str | None = None
+    format: Literal["auto", "qa", "mc"] = "auto"  # auto: mc when rows have `choices`
     optimizer: Literal["ivon", "adamw"] = "ivon"
     rank: int = 8
     alpha: int = 16
@@ -47,6 +54,8 @@ class TrainConfig:
     mc_samples: int = 1
     rescale_lr: bool = False
     steps: int = 100
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: decays to 0 at `steps`
+    warmup_steps: int = 0  # linear rise from lr/warmup to lr first
     batch_size: int = 8
     max_length: int = 320
     seed: int = 0
@@ -54,16 +63,44 @@ class TrainConfig:
     holdout: int = 0  # the last N rows of the data: a validation slice kept out of training
     checkpoint_every: int = 25
     threads: int | None = None
+    eval_draws: int = 8  # IVON, multiple choice with a holdout: draws in the validation BMA
+    precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on native bf16
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
-def load_examples(path: Path, limit: int | None = None, holdout: int = 0) -> list[tuple[str, str]]:
-    """(question, target) pairs from a jsonl with `question` and `answer` fields. The last
-    ``holdout`` rows are left out: they are the validation slice that hyperparameters are chosen
-    on (``ivonserve bench likelihood --holdout N`` reads exactly those)."""
+Example = tuple[str, str] | mc.MCQuestion  # (question, target) or a multiple-choice question
+
+
+def detect_format(path: Path, requested: str) -> str:
+    """``qa`` or ``mc``: as requested, else from the first row's fields."""
+    if requested != "auto":
+        return requested
+    if not path.is_file():
+        raise IvonserveError(f"{path}: training data file not found")
+    with path.open() as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        return "mc" if mc.is_mc_row(json.loads(first)) else "qa"
+    except json.JSONDecodeError:
+        raise IvonserveError(f"{path}:1: not a JSON line") from None
+
+
+def load_examples(
+    path: Path, limit: int | None = None, holdout: int = 0, format: str = "auto"
+) -> list[Example]:
+    """The training rows. The last ``holdout`` rows are left out: they are the validation slice
+    that hyperparameters are chosen on (``bench likelihood``/``bench mc --holdout N`` read
+    exactly those)."""
+    if detect_format(path, format) == "mc":
+        return list(mc.load_mc(path, limit, -holdout))
+    return load_qa(path, limit, holdout)
+
+
+def load_qa(path: Path, limit: int | None = None, holdout: int = 0) -> list[tuple[str, str]]:
+    """(question, target) pairs from a jsonl with `question` and `answer` fields."""
     if not path.is_file():
         raise IvonserveError(f"{path}: training data file not found")
     examples = []
@@ -87,6 +124,22 @@ def load_examples(path: Path, limit: int | None = None, holdout: int = 0) -> lis
     if not examples:
         raise IvonserveError(f"{path}: no examples")
     return examples
+
+
+def encode(tokenizer: Any, example: Example, max_length: int) -> dict:
+    if isinstance(example, mc.MCQuestion):
+        return encode_choice(tokenizer, example, max_length)
+    return encode_example(tokenizer, *example, max_length)
+
+
+def encode_choice(tokenizer: Any, question: mc.MCQuestion, max_length: int) -> dict:
+    """The prompt and the answer letter after it, the loss on the letter alone. The prompt is
+    cut from the left if too long, so the letter is never the part that goes."""
+    assert question.label is not None
+    prompt = mc.prompt_ids(tokenizer, question.question, question.choices)
+    letter = mc.letter_token_ids(tokenizer, len(question.choices))[question.label]
+    prompt = prompt[-(max_length - 1) :]
+    return {"input_ids": [*prompt, letter], "labels": [-100] * len(prompt) + [letter]}
 
 
 def encode_example(tokenizer: Any, question: str, target: str, max_length: int) -> dict:
@@ -170,12 +223,57 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
     )
 
 
-def train_step(model: Any, optimizer: Any, batch: dict, config: TrainConfig) -> float:
+def resolved_precision(config: TrainConfig) -> str:
+    """float32, or bf16 autocast where the CPU multiplies bf16 natively (the server's rule)."""
+    if config.precision != "auto":
+        return config.precision
+    from ivonserve.engine import default_cpu_dtype
+
+    return "bf16" if default_cpu_dtype() == "bfloat16" else "float32"
+
+
+def forward_context(precision: str) -> Any:
+    """bf16 autocast for the products; the weights, gradients and optimizer stay float32."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The base learning rate's multiplier at 0-based ``step``: a linear warm-up over
+    ``warmup_steps``, then constant or a linear decay that reaches 0 after the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "linear":
+        return (config.steps - step) / max(1, config.steps - config.warmup_steps)
+    return 1.0
+
+
+def answer_loss(model: Any, batch: dict) -> torch.Tensor:
+    """The causal LM's loss, with the output layer applied only where a label is: the same value
+    as ``model(**batch).loss`` (tested), without the vocabulary-wide product at every prompt
+    position (a fifth of SmolLM2's forward pass on multiple-choice prompts)."""
+    causal = model.get_base_model()  # the transformers model, LoRA layers injected in place
+    hidden = causal.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = causal.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[keep])
+
+
+def train_step(
+    model: Any, optimizer: Any, batch: dict, config: TrainConfig, precision: str = "float32"
+) -> float:
     """One optimizer step. IVON: mc_samples forward/backward passes, each at a sampled weight."""
     model.train()
     if config.optimizer == "adamw":
         optimizer.zero_grad()
-        loss = model(**batch).loss
+        with forward_context(precision):
+            loss = answer_loss(model, batch)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -183,7 +281,8 @@ def train_step(model: Any, optimizer: Any, batch: dict, config: TrainConfig) -> 
     for _ in range(config.mc_samples):
         with optimizer.sampled_params(train=True):
             optimizer.zero_grad()  # IVON does not zero gradients itself
-            loss = model(**batch).loss
+            with forward_context(precision):
+                loss = answer_loss(model, batch)
             loss.backward()
         losses.append(loss.item())
     optimizer.step()
@@ -198,7 +297,8 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(Path(config.data), config.limit, config.holdout)
+    examples = load_examples(Path(config.data), config.limit, config.holdout, config.format)
+    precision = resolved_precision(config)
     model, tokenizer = build_model(config, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, params)
@@ -210,13 +310,16 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
     losses: list[float] = []
     for step in range(start, config.steps):
         indices = batch_indices(len(examples), config.batch_size, config.seed, step)
-        rows = [encode_example(tokenizer, *examples[i], config.max_length) for i in indices]
-        loss = train_step(model, optimizer, collate(rows, pad_id), config)
+        rows = [encode(tokenizer, examples[i], config.max_length) for i in indices]
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * lr_factor(config, step)
+        loss = train_step(model, optimizer, collate(rows, pad_id), config, precision)
         if not math.isfinite(loss):
             raise IvonserveError(f"loss became {loss} at step {step}; lower lr or raise ess")
         losses.append(loss)
         seconds = time.perf_counter() - began
-        log.write(json.dumps({"step": step + 1, "loss": loss, "seconds": round(seconds, 2)}) + "\n")
+        record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+        log.write(json.dumps(record | {"seconds": round(seconds, 2)}) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
@@ -227,7 +330,83 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
     log.close()
     if start >= config.steps:
         _save(out, config, model, optimizer, start, elapsed, model_dir)
+    if config.holdout and isinstance(examples[0], mc.MCQuestion):
+        validation = mc.load_mc(Path(config.data), None, config.holdout)
+        report = validate_choices(model, tokenizer, optimizer, validation, config, precision)
+        (out / VALIDATION).write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def choice_logprobs(
+    model: Any, tokenizer: Any, questions: list[mc.MCQuestion], precision: str, batch: int = 16
+) -> list[list[float]]:
+    """Log-probabilities of each question's answer letters after its prompt (peft, no server):
+    the in-process reference that the validation of a training run uses."""
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[list[float]] = []
+    with torch.no_grad(), forward_context(precision):
+        for first in range(0, len(questions), batch):
+            chunk = questions[first : first + batch]
+            prompts = [mc.prompt_ids(tokenizer, q.question, q.choices) for q in chunk]
+            inputs = collate([{"input_ids": p, "labels": p} for p in prompts], pad_id)
+            causal = model.get_base_model()
+            hidden = causal.get_decoder()(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).last_hidden_state
+            last = hidden[torch.arange(len(prompts)), [len(p) - 1 for p in prompts]]
+            logprobs = torch.log_softmax(causal.get_output_embeddings()(last).float(), dim=-1)
+            for row, q in zip(logprobs, chunk, strict=True):
+                out.append(row[mc.letter_token_ids(tokenizer, len(q.choices))].tolist())
+    return out
+
+
+def validate_choices(
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    questions: list[mc.MCQuestion],
+    config: TrainConfig,
+    precision: str,
+) -> dict[str, Any]:
+    """Accuracy, NLL, ECE and Brier on the validation slice: of the trained weights (AdamW) or
+    the mean (IVON), and for IVON also the predictive of ``eval_draws`` draws. The draws use a
+    seeded generator and leave the global RNG as it was (resuming stays exact)."""
+    from ivonserve import calibration
+
+    labels = [q.label for q in questions]
+
+    def scored(per_question_logprobs: list[list[float]]) -> list[np.ndarray]:
+        return [calibration.softmax_over(lp) for lp in per_question_logprobs]
+
+    arms = {"mean" if config.optimizer == "ivon" else "adamw": scored(
+        choice_logprobs(model, tokenizer, questions, precision)
+    )}  # fmt: skip
+    if config.optimizer == "ivon" and config.eval_draws > 0:
+        draws = []
+        state = torch.get_rng_state()
+        torch.manual_seed(config.seed + 1)
+        try:
+            for _ in range(config.eval_draws):
+                with optimizer.sampled_params():
+                    draws.append(scored(choice_logprobs(model, tokenizer, questions, precision)))
+        finally:
+            torch.set_rng_state(state)
+        for k in sorted({1, 2, 4, config.eval_draws}):
+            if k <= config.eval_draws:
+                arms[f"bma{k}"] = [
+                    calibration.predictive([d[i] for d in draws[:k]]) for i in range(len(questions))
+                ]
+    return {
+        "data": config.data,
+        "holdout": config.holdout,
+        "questions": len(questions),
+        "ece_bins": calibration.ECE_BINS,
+        "arms": {
+            name: calibration.summary(calibration.per_question(probs, labels))
+            for name, probs in arms.items()
+        },
+    }
 
 
 def _save(
@@ -277,8 +456,13 @@ def _resume(out: Path, config: TrainConfig, model: Any, optimizer: Any) -> tuple
         (out / LOG).unlink(missing_ok=True)
         return 0, 0.0
     state = torch.load(path, weights_only=False)
-    saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE}
-    current = {k: v for k, v in asdict(config).items() if k not in _RESUMABLE}
+    # A decaying learning rate is a function of the budget: that budget may not change.
+    resumable = _RESUMABLE - {"steps"} if config.lr_schedule == "linear" else _RESUMABLE
+    # a checkpoint older than a setting ran with that setting's default
+    saved = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved |= {k: v for k, v in state["config"].items() if k not in resumable}
+    current = {k: v for k, v in asdict(config).items() if k not in resumable}
+    saved = {k: v for k, v in saved.items() if k in current}
     if saved != current:
         diff = sorted(k for k in current if saved.get(k) != current[k])
         raise IvonserveError(
@@ -299,7 +483,7 @@ def _resume(out: Path, config: TrainConfig, model: Any, optimizer: Any) -> tuple
 
 
 # Flags that may change between a killed run and its resumption without changing the result.
-_RESUMABLE = {"steps", "checkpoint_every", "threads", "out"}
+_RESUMABLE = {"steps", "checkpoint_every", "threads", "out", "eval_draws"}
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -316,6 +500,7 @@ def _summary(out: Path, config: TrainConfig, step: int, seconds: float) -> dict[
         "optimizer": config.optimizer,
         "config": {k: v for k, v in asdict(config).items() if k not in ("out", "threads")},
         "lr": config.learning_rate,
+        "precision": resolved_precision(config),
         "steps": step,
         "seconds": round(seconds, 1),
         "first_loss": losses[0] if losses else None,

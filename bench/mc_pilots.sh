@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The pilots that choose the multiple-choice training settings on validation (issue 28), every
+# run at one budget with the IVON-LoRA authors' recipe otherwise (linear decay to 0, no warm-up,
+# weight decay 0, batch 8; IVON clip 1e-3, beta2 0.99999, hess_init 1e-3). Each run ends by
+# scoring the validation slice (the last HOLDOUT rows of train, never trained on): validation.json.
+#   phase 1: AdamW lr in {5e-5 (the authors'), 2e-4, 1e-3}; IVON lr in {0.03 (the authors'), 0.1,
+#            0.3, 1.0 (lr x clip = AdamW 1e-3's step)} at ess 1e6
+#   phase 2: IVON at ess 1e7 with phase 1's best lr (by the 4-draw predictive's NLL); FULL_GRID=1
+#            runs ess 1e7 at every lr instead (4 more runs: the cross the issue lists)
+# Resumable: a finished run is skipped, a killed one resumes from its checkpoint. JOBS runs side by
+# side with one thread each (2 cores: 2 x 1 thread beat 1 x 2 by ~9%, measured 2026-12-05).
+#   bash bench/mc_pilots.sh            # ARC-Easy, 100 steps, 300 validation questions
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/mc/arc-easy/train.jsonl}
+OUT=${OUT:-bench/results/mc-pilots/arc-easy}
+STEPS=${STEPS:-100}
+HOLDOUT=${HOLDOUT:-300}
+JOBS=${JOBS:-2}
+IVONSERVE=${IVONSERVE:-.venv/bin/ivonserve}
+PYTHON=${PYTHON:-.venv/bin/python}
+
+common="--data $DATA --holdout $HOLDOUT --steps $STEPS --batch-size 8 --lr-schedule linear
+  --weight-decay 0 --eval-draws 4 --threads 1 --checkpoint-every 25 --seed 0 --no-progress"
+ivon="--optimizer ivon --clip-radius 1e-3 --beta2 0.99999 --hess-init 1e-3"
+
+one() {
+  local name=${1%%|*} flags=${1#*|}
+  local dir="$OUT/$name"
+  [[ -f $dir/validation.json ]] && return 0
+  mkdir -p "$dir"
+  echo "$IVONSERVE train $common $flags --out $dir" | tr -s ' \n' ' ' > "$dir/command.txt"
+  # shellcheck disable=SC2086
+  $IVONSERVE train $common $flags --out "$dir" > "$dir/train.out" 2>&1
+  echo "$(date -u +%FT%TZ) done $name"
+}
+export -f one
+export OUT IVONSERVE common
+
+run_all() { printf '%s\n' "$@" | xargs -d '\n' -P "$JOBS" -I{} bash -c 'one "$@"' _ {}; }
+
+run_all \
+  "adamw-lr5e-5|--optimizer adamw --lr 5e-5" \
+  "ivon-lr0.03-ess1e6|$ivon --lr 0.03 --ess 1e6" \
+  "adamw-lr2e-4|--optimizer adamw --lr 2e-4" \
+  "ivon-lr0.1-ess1e6|$ivon --lr 0.1 --ess 1e6" \
+  "adamw-lr1e-3|--optimizer adamw --lr 1e-3" \
+  "ivon-lr0.3-ess1e6|$ivon --lr 0.3 --ess 1e6" \
+  "ivon-lr1.0-ess1e6|$ivon --lr 1.0 --ess 1e6"
+
+if [[ ${FULL_GRID:-0} == 1 ]]; then
+  lrs="0.03 0.1 0.3 1.0"
+else
+  lrs=$($PYTHON bench/mc_pilots_table.py "$OUT" --best-ivon-lr)
+fi
+phase2=()
+for lr in $lrs; do phase2+=("ivon-lr$lr-ess1e7|$ivon --lr $lr --ess 1e7"); done
+run_all "${phase2[@]}"
+$PYTHON bench/mc_pilots_table.py "$OUT"

@@ -1,0 +1,386 @@
+"""Multiple-choice accuracy and calibration under a running ivonserve: the posterior predictive
+of K draws against the mean adapter and against plain adapters (AdamW), through /score/choices.
+
+Per question and (label, model), one request asks for the largest K and one for the mean
+(K = 0); every smaller K is the predictive of draws 0..K-1 of the same answer, as the server's
+pool serves them. An adapter served with ``--adapter`` has no posterior: its one arm is K = 0.
+``--label`` names a server configuration (pruning, temperature), so runs against differently
+configured servers add their arms to one results folder. Each answer goes to ``records.jsonl``
+as it comes (a rerun skips finished work).
+
+Reported per arm: accuracy, NLL, ECE (equal-width bins, ``calibration.ECE_BINS``), Brier score,
+with bootstrap 95% intervals over questions; per pair of arms, paired differences on the same
+questions with their intervals; a reliability diagram per arm (``reliability.png``).
+``--fit-temperature DIR`` adds, for each K = 0 arm also recorded in DIR (a run on the validation
+slice), the arm rescaled by the temperature fitted there (temperature scaling, Guo et al. 2017).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from ivonserve import calibration
+from ivonserve.bench.common import RECORDS, check_server, load_records, served_models
+from ivonserve.bench.likelihood import parse_ks
+from ivonserve.choices import MCQuestion, load_mc
+from ivonserve.errors import IvonserveError
+
+DEFAULT_K = "0,1,2,4,8"
+METRICS = ("accuracy", "nll", "ece", "brier")
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    model: str
+    k: int  # 0: the mean adapter
+    temperature: float | None = None  # temperature scaling of the letters' log-probabilities
+
+    @property
+    def name(self) -> str:
+        head = f"{self.label}/" if self.label else ""
+        tail = "mean" if self.k == 0 else f"K={self.k}"
+        scaled = "" if self.temperature is None else f" +TS(T={self.temperature:.3g})"
+        return f"{head}{self.model} {tail}{scaled}"
+
+
+def _key(row: dict) -> tuple[str, str, int, int]:
+    return (row["label"], row["model"], row["n_models"], row["index"])
+
+
+async def score_all(
+    client: httpx.AsyncClient,
+    requests: list[tuple[str, str, int]],
+    questions: list[MCQuestion],
+    done: dict,
+    args: argparse.Namespace,
+    sink,
+) -> None:
+    from tqdm import tqdm
+
+    todo = [(r, q) for r in requests for q in questions if (*r, q.index) not in done]
+    semaphore = asyncio.Semaphore(args.concurrency)
+    bar = tqdm(total=len(todo), desc="scoring", unit="q", disable=args.no_progress)
+
+    async def one(request: tuple[str, str, int], question: MCQuestion) -> None:
+        label, model, n_models = request
+        body = {"question": question.question, "choices": list(question.choices),
+                "model": model, "n_models": n_models}  # fmt: skip
+        async with semaphore:
+            response = await client.post("/score/choices", json=body)
+        if response.status_code != 200:
+            raise IvonserveError(
+                f"{args.url}/score/choices answered {response.status_code}: {response.text[:300]}"
+            )
+        answer = response.json()
+        row = {"label": label, "model": model, "n_models": n_models, "index": question.index,
+               "id": question.id, "letter_logprobs": answer["letter_logprobs"]}  # fmt: skip
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        bar.update(1)
+
+    try:
+        await asyncio.gather(*(one(r, q) for r, q in todo))
+    finally:
+        bar.close()
+
+
+def arm_probs(arm: Arm, records: dict, questions: list[MCQuestion]) -> list[np.ndarray]:
+    """Each question's predictive over its choices under one arm."""
+    held = {}
+    for (label, model, n, index), row in records.items():
+        if (label, model) == (arm.label, arm.model) and (n == 0) == (arm.k == 0) and n >= arm.k:
+            held[index] = row
+    missing = [q.index for q in questions if q.index not in held]
+    if missing:
+        raise IvonserveError(
+            f"arm {arm.name!r} has no record of question {missing[0]} in this folder: run it "
+            "again with the same --data, --holdout and --limit"
+        )
+    t = 1.0 if arm.temperature is None else arm.temperature
+    out = []
+    for q in questions:
+        draws = held[q.index]["letter_logprobs"][: max(arm.k, 1)]
+        out.append(
+            calibration.predictive([calibration.softmax_over(np.array(d) / t) for d in draws])
+        )
+    return out
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], float], n: int, seed: int, resamples: int = 2000
+) -> list[float]:
+    """95% percentile interval of ``statistic(indices)`` over questions resampled with
+    replacement; one seed gives every statistic the same resamples (paired)."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def _metric(values: calibration.PerQuestion, name: str, picks: np.ndarray) -> float:
+    if name == "ece":
+        return calibration.ece(values.confidence[picks], values.correct[picks])
+    return float(getattr(values, "correct" if name == "accuracy" else name)[picks].mean())
+
+
+def summarise(arms: list[Arm], records: dict, questions: list[MCQuestion], seed: int) -> dict:
+    labels = [q.label for q in questions]
+    values = {
+        a.name: calibration.per_question(arm_probs(a, records, questions), labels) for a in arms
+    }
+    n, everyone = len(questions), np.arange(len(questions))
+    rows = []
+    for arm in arms:
+        v = values[arm.name]
+        row = {"arm": arm.name, "label": arm.label, "model": arm.model, "k": arm.k,
+               "temperature": arm.temperature, "questions": n}  # fmt: skip
+        for m in METRICS:
+            row[m] = _metric(v, m, everyone)
+            row[f"{m}_ci95"] = bootstrap(lambda p, v=v, m=m: _metric(v, m, p), n, seed)
+        row["reliability"] = [  # per bin: count, accuracy, mean confidence (JSON: no NaN)
+            [c, a, conf] if c else [0, None, None]
+            for c, a, conf in calibration.reliability(v.confidence, v.correct)
+        ]
+        rows.append(row)
+    pairs = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1 :]:
+            va, vb = values[a.name], values[b.name]
+            pair = {"a": a.name, "b": b.name}
+            for m in METRICS:
+
+                def diff(p, m=m, va=va, vb=vb):
+                    return _metric(va, m, p) - _metric(vb, m, p)
+
+                pair[f"{m}_diff"] = diff(everyone)
+                pair[f"{m}_diff_ci95"] = bootstrap(diff, n, seed)
+            pairs.append(pair)
+    return {"arms": rows, "pairs": pairs}
+
+
+def fitted_temperatures(validation: Path, arms: list[Arm]) -> list[Arm]:
+    """K = 0 arms rescaled by the temperature that minimises their NLL on a validation run."""
+    path = validation / RECORDS
+    if not path.is_file():
+        raise IvonserveError(f"--fit-temperature: {path} not found (run bench mc there first)")
+    records = load_records(path, _key)
+    out = []
+    for arm in arms:
+        if arm.k != 0 or arm.temperature is not None:
+            continue
+        rows = [
+            r for (lb, m, n, _), r in records.items() if (lb, m, n) == (arm.label, arm.model, 0)
+        ]
+        if not rows:
+            continue
+        results = json.loads((validation / "results.json").read_text())
+        data = load_mc(Path(results["data"]), results["limit"], results["holdout"])
+        gold = {q.index: q.label for q in data}
+        logits = [r["letter_logprobs"][0] for r in rows]
+        t = calibration.fit_temperature(logits, [gold[r["index"]] for r in rows])
+        out.append(Arm(arm.label, arm.model, 0, round(t, 4)))
+    return out
+
+
+def _ci(row: dict, m: str, digits: int) -> str:
+    lo, hi = row[f"{m}_ci95"]
+    return f"{row[m]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def arms_table(arms: list[dict]) -> list[str]:
+    lines = ["| arm | accuracy | NLL | ECE | Brier |", "|---|---|---|---|---|"]
+    for a in arms:
+        lines.append(
+            f"| {a['arm']} | {_ci(a, 'accuracy', 3)} | {_ci(a, 'nll', 3)} "
+            f"| {_ci(a, 'ece', 3)} | {_ci(a, 'brier', 3)} |"
+        )
+    return lines
+
+
+def write_report(out: Path, results: dict) -> None:
+    where = f" (the last {results['holdout']} rows)" if results["holdout"] else ""
+    lines = [
+        "# Multiple-choice accuracy and calibration with ivonserve",
+        "",
+        f"Data set {results['dataset']} ({results['data']}{where}), {results['questions']} "
+        f"questions; server(s): {', '.join(results['servers'])}. Bootstrap 95% intervals over "
+        f"questions (2000 resamples); ECE over {results['ece_bins']} equal-width bins.",
+        "",
+        *arms_table(results["arms"]),
+        "",
+        "Paired differences on the same questions, a - b (accuracy: higher is better; NLL, ECE, "
+        "Brier: lower is better); an interval that excludes 0 is a difference these questions "
+        "resolve.",
+        "",
+        "| a | b | accuracy | NLL | ECE | Brier |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in results["pairs"]:
+        cells = []
+        for m in METRICS:
+            lo, hi = p[f"{m}_diff_ci95"]
+            cells.append(f"{p[f'{m}_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
+    lines += ["", "Reliability diagrams: `reliability.png`.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def write_plot(out: Path, arms: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for axis, arm in zip(axes.flat, arms, strict=False):
+        bins = len(arm["reliability"])
+        centers = (np.arange(bins) + 0.5) / bins
+        counts = [c for c, _, _ in arm["reliability"]]
+        acc = [a if c else 0.0 for c, a, _ in arm["reliability"]]
+        axis.bar(centers, acc, width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
+        axis.plot([0, 1], [0, 1], "--", color="gray")
+        for x, c in zip(centers, counts, strict=True):
+            if c:
+                axis.text(x, 0.02, str(c), ha="center", fontsize=5, rotation=90)
+        axis.set_title(f"{arm['arm']}\nECE {arm['ece']:.3f}", fontsize=7)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("confidence", fontsize=7)
+        axis.set_ylabel("accuracy", fontsize=7)
+    for axis in list(axes.flat)[len(arms) :]:
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    questions = load_mc(Path(args.data), args.limit, args.holdout)
+    ks = parse_ks(args.n_models)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    async with httpx.AsyncClient(base_url=args.url, timeout=timeout, headers=headers) as client:
+        await check_server(client, args.url)
+        served = await served_models(client)
+        models = args.model or [next(name for name, card in served.items() if card["default"])]
+        unknown = [m for m in models if m not in served]
+        if unknown:
+            raise IvonserveError(
+                f"--model {unknown[0]!r}: not served by {args.url} (it serves {', '.join(served)})"
+            )
+        requests, new_arms = [], []
+        for model in models:
+            card = served[model]
+            model_ks = [0] if card["kind"] == "adapter" else ks
+            if max(model_ks) > card["pool_size"]:
+                raise IvonserveError(
+                    f"--n-models {max(model_ks)}: {model!r} has a pool of {card['pool_size']}"
+                )
+            requests += [(args.label, model, k) for k in sorted({0, max(model_ks)} & {*model_ks})]
+            new_arms += [Arm(args.label, model, k) for k in model_ks]
+        done = load_records(out / RECORDS, _key)
+        began = time.perf_counter()
+        with (out / RECORDS).open("a") as sink:
+            await score_all(client, requests, questions, done, args, sink)
+        seconds = time.perf_counter() - began
+    results = _update_results(out, args, questions, new_arms, served, models, seconds)
+    write_report(out, results)
+    write_plot(out, results["arms"])
+    return results
+
+
+def _update_results(
+    out: Path,
+    args: argparse.Namespace,
+    questions: list[MCQuestion],
+    new_arms: list[Arm],
+    served: dict,
+    models: list[str],
+    seconds: float,
+) -> dict:
+    """results.json over every arm recorded in this folder (earlier runs' labels included)."""
+    path = out / "results.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if previous and (previous["data"], previous["holdout"], previous["limit"]) != (
+        str(args.data),
+        args.holdout,
+        args.limit,
+    ):
+        raise IvonserveError(f"{out}: holds results of other questions; use another --out")
+    arms = [Arm(a["label"], a["model"], a["k"], a["temperature"]) for a in previous.get("arms", [])]
+    arms += [a for a in new_arms if a not in arms]
+    if args.fit_temperature:
+        fitted = fitted_temperatures(Path(args.fit_temperature), arms)
+        arms = [a for a in arms if a.temperature is None] + fitted
+    configs = previous.get("servers", {})
+    config = configs.setdefault(args.label or "-", {"url": args.url, "models": {}, "seconds": 0})
+    config["models"].update({m: served[m] for m in models})
+    config["seconds"] = round(config["seconds"] + seconds, 1)
+    records = load_records(out / RECORDS, _key)
+    results = {
+        "dataset": args.dataset or Path(args.data).parent.name or Path(args.data).stem,
+        "data": str(args.data),
+        "holdout": args.holdout,
+        "limit": args.limit,
+        "questions": len(questions),
+        "ece_bins": calibration.ECE_BINS,
+        "servers": configs,
+        **summarise(arms, records, questions, args.seed),
+    }
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure")
+    parser.add_argument("--data", required=True,
+                        help="multiple-choice jsonl: question, choices, label")  # fmt: skip
+    parser.add_argument("--dataset", help="its name in the results (default: the file's folder)")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="only the last N rows: the validation slice `train --holdout N` "
+                        "kept out of training")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="the first N questions only")
+    parser.add_argument("--model", action="append",
+                        help="a served posterior or adapter; repeat to compare several "
+                        "(default: the server's default)")  # fmt: skip
+    parser.add_argument(
+        "--n-models",
+        default=DEFAULT_K,
+        help=f"the K to compare, 0: the mean adapter (default {DEFAULT_K})",
+    )
+    parser.add_argument("--label", default="",
+                        help="names this server's configuration; arms of other labels already "
+                        "in --out are kept and compared")  # fmt: skip
+    parser.add_argument("--fit-temperature", metavar="DIR",
+                        help="a bench mc folder of the validation slice: add each K=0 arm "
+                        "temperature-scaled on it")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap resamples")
+    parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
+    parser.add_argument("--out", default="bench/results/mc", help="results folder")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    results = asyncio.run(run(args))
+    for a in results["arms"]:
+        print(
+            f"{a['arm']:>40}: accuracy {a['accuracy']:.3f}  NLL {a['nll']:.3f}  "
+            f"ECE {a['ece']:.3f}  Brier {a['brier']:.3f}"
+        )
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
