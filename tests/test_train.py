@@ -231,3 +231,18 @@ def test_cli_takes_the_recipes_flags():
     assert (args.weight_decay, args.precision) == (0.0, "float32")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "d", "--out", "o", "--lr-schedule", "cos"])
+
+
+def test_bf16_autocast_loss_agrees_with_float32(model_dir, data, mc_data):
+    """bf16 autocast (used on CPUs with native bf16) keeps the loss within 2% of float32's."""
+    from ivonserve.train import forward_context
+
+    model, tokenizer = build_model(_config(data, Path("unused")), model_dir)
+    for path in (data, mc_data):
+        rows = [encode(tokenizer, e, 64) for e in load_examples(path)[:4]]
+        batch = collate(rows, tokenizer.pad_token_id)
+        with torch.no_grad():
+            full = answer_loss(model, batch).item()
+            with forward_context("bf16"):
+                half = answer_loss(model, batch).item()
+        assert half == pytest.approx(full, rel=0.02)

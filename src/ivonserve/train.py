@@ -341,24 +341,29 @@ def choice_logprobs(
     model: Any, tokenizer: Any, questions: list[mc.MCQuestion], precision: str, batch: int = 16
 ) -> list[list[float]]:
     """Log-probabilities of each question's answer letters after its prompt (peft, no server):
-    the in-process reference that the validation of a training run uses."""
+    the in-process reference that the validation of a training run uses. Batches are formed in
+    order of length (less padding); the answers come back in the questions' order."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[list[float]] = []
+    causal = model.get_base_model()
+    prompts = [mc.prompt_ids(tokenizer, q.question, q.choices) for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
+    out: dict[int, list[float]] = {}
     with torch.no_grad(), forward_context(precision):
-        for first in range(0, len(questions), batch):
-            chunk = questions[first : first + batch]
-            prompts = [mc.prompt_ids(tokenizer, q.question, q.choices) for q in chunk]
-            inputs = collate([{"input_ids": p, "labels": p} for p in prompts], pad_id)
-            causal = model.get_base_model()
+        for first in range(0, len(order), batch):
+            chunk = order[first : first + batch]
+            inputs = collate(
+                [{"input_ids": prompts[i], "labels": prompts[i]} for i in chunk], pad_id
+            )
             hidden = causal.get_decoder()(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
             ).last_hidden_state
-            last = hidden[torch.arange(len(prompts)), [len(p) - 1 for p in prompts]]
+            last = hidden[torch.arange(len(chunk)), [len(prompts[i]) - 1 for i in chunk]]
             logprobs = torch.log_softmax(causal.get_output_embeddings()(last).float(), dim=-1)
-            for row, q in zip(logprobs, chunk, strict=True):
-                out.append(row[mc.letter_token_ids(tokenizer, len(q.choices))].tolist())
-    return out
+            for row, i in zip(logprobs, chunk, strict=True):
+                letters = mc.letter_token_ids(tokenizer, len(questions[i].choices))
+                out[i] = row[letters].tolist()
+    return [out[i] for i in range(len(questions))]
 
 
 def validate_choices(
