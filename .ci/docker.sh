@@ -212,6 +212,15 @@ EOF
   grep -v '^latency_' "$workdir/generate.out" | sed 's/^/docker-ci: /' >&2
 }
 check_generate first second
+# the consensus page (issue 32) is in the image: its files answer without a key
+python3 - "$port" <<'EOF' >&2 || die "the consensus page (/ui/) is not served by the image"
+import sys, urllib.request
+
+for path in ("ui/", "ui/app.js", "ui/style.css"):
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/{path}", timeout=30) as reply:
+        assert reply.status == 200 and reply.read(), path
+print("docker-ci: /ui/ serves the consensus page (index.html, app.js, style.css)")
+EOF
 latency=$(sed -n 's/^latency_second=//p' "$workdir/generate.out")
 latency_first=$(sed -n 's/^latency_first=//p' "$workdir/generate.out")
 

@@ -26,6 +26,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 access_log = logging.getLogger("ivonserve.access")
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without a key
+# the consensus page's static files (server/page.py) load without a key: the key is typed into
+# the page, which sends it with every API call it makes
+PAGE_PATHS = frozenset({"/", "/ui"})
+PAGE_PREFIX = "/ui/"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -88,6 +92,8 @@ class RequestContext:
 
     def _authorized(self, scope: Scope) -> bool:
         if not self.keys or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return True
+        if scope["path"] in PAGE_PATHS or scope["path"].startswith(PAGE_PREFIX):
             return True
         given = _header(scope, b"authorization") or b""
         scheme, _, token = given.partition(b" ")
