@@ -59,7 +59,7 @@ RUN --mount=type=bind,source=requirements/cpu.lock,target=/tmp/cpu.lock \
     && /opt/venv/bin/python -c "import vllm, torch, peft, ivon, fastapi, uvicorn"
 
 # --- gpu: the official vLLM image (CUDA, Python 3.12) + gpu.lock ------------------------------
-# Not built on the CPU-only CI machines (no registry, no GPU): see the README's container section.
+# Not built on the CPU-only CI machines (no registry, no GPU): see docs/containers.md.
 FROM ${VLLM_IMAGE} AS gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Most pins (vllm, torch, CUDA wheels) are already installed in the base at the same versions, so
@@ -105,8 +105,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # inductor JIT-compiles C++ kernels in the server (vLLM's graph, and its sampler even with
 # enforce_eager); without it the engine dies with InvalidCxxCompiler. libtcmalloc-minimal4: the
 # allocator vLLM's CPU guide recommends (LD_PRELOAD below); in a 600-request soak vLLM's worker
-# grew half as much as under glibc's malloc, and ran 7% faster (README, Soak). Unpinned on
-# purpose: the base's Debian release decides the versions.
+# grew half as much as under glibc's malloc, and ran 7% faster (docs/benchmarks.md: Soak).
+# Unpinned on purpose: the base's Debian release decides the versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 g++ libtcmalloc-minimal4 \

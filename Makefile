@@ -21,7 +21,7 @@ $(STAMP): $(LOCK) pyproject.toml
 	touch $@
 
 # tcmalloc, which vLLM's CPU guide recommends, when installed (Debian: libtcmalloc-minimal4): in the
-# soak, vLLM's worker grew half as much as under glibc's malloc (README, Soak).
+# soak, vLLM's worker grew half as much as under glibc's malloc (docs/benchmarks.md, Soak).
 TCMALLOC ?= $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
 serve: setup
@@ -70,7 +70,7 @@ bench-overhead: setup
 bench-replicas: setup
 	$(BIN)/python bench/replicas.py --out bench/results
 
-# The likelihood ablations (README: Does it pay off?) and the test-time-scaling runs; hours.
+# The likelihood ablations (docs/pay-off.md) and the test-time-scaling runs; hours.
 bench-payoff: setup
 	bash bench/payoff.sh validation && bash bench/payoff.sh test
 

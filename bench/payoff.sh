@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Does the posterior pay off? The likelihood benchmark (`ivonserve bench likelihood`, through
-# POST /score) over the paper's ablations, every arm on the same questions. README: "Does it pay
-# off?". Resumable: rerun the same command and finished (arm, question) pairs are skipped.
+# POST /score) over the paper's ablations, every arm on the same questions. docs/pay-off.md
+# ("Likelihood on GSM8k"). Resumable: rerun the same command and finished (arm, question) pairs
+# are skipped.
 #
 #   bash bench/payoff.sh validation      # choose pruning and temperature: the 8 configurations
 #                                        # below at K <= 2 on the first 50 of the last 300 rows of

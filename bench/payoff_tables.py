@@ -1,4 +1,4 @@
-"""The README's "Does it pay off?" tables from a `bench/payoff.sh` results folder.
+"""The "Does it pay off?" tables (docs/pay-off.md) from a `bench/payoff.sh` results folder.
 
 `ivonserve bench likelihood` compares every pair of arms in its report.md; this picks the pairs
 the ablations are about: each draw count against its own configuration's mean adapter, each

@@ -45,8 +45,8 @@ PROMPTS = [
 ]
 KEEP = 5  # example bodies / error strings kept per phase
 # Memory is judged on the second half of the steady phase: in the first, a fresh server's caches
-# fill (vLLM's CPU worker grows fastest at first: README, Soak), which a leak test must not
-# mistake for a leak. "Flat": the fitted trend over that half is under 2% of its level.
+# fill (vLLM's CPU worker grows fastest at first: docs/benchmarks.md, Soak), which a leak test
+# must not mistake for a leak. "Flat": the fitted trend over that half is under 2% of its level.
 WARMUP = 0.5
 FLAT = 0.02
 MIB = 1 << 20

@@ -3,8 +3,9 @@
 # (bench/soak.py: 600 requests at concurrency 4, a phase of long prompts, a burst) against one
 # server per choice, each started the way `make serve` starts it (tcmalloc, the product's
 # defaults), one after the other on a quiet machine; memory of every process of the server and
-# latency side by side in OUT/report.md. README: Soak. A cap is a number (1024 is oneDNN's own
-# default), or `unset`: no variable, ivonserve's default (engine.CPU_ONEDNN_CACHE_CAPACITY).
+# latency side by side in OUT/report.md (docs/benchmarks.md: oneDNN's primitive cache). A cap is
+# a number (1024 is oneDNN's own default), or `unset`: no variable, ivonserve's default
+# (engine.CPU_ONEDNN_CACHE_CAPACITY).
 #
 #   bash bench/soak_onednn.sh                 # CAPS="1024 64" REQUESTS=600
 set -euo pipefail

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The paper's test-time-scaling comparison through the client (README: "Test-time scaling on
-# GSM8k and SVAMP"): one server serving the IVON posterior and its AdamW twin, the server's
-# defaults (bf16 on this CPU, the grouped LoRA kernel), temperature 0.7 and max_tokens 256 for the
-# sampled arms, greedy for 0x1; IVON 0x1, 0x32, 4x8 (and 8x4 with EXTRA=1), AdamW 0x1, 0x32; then
-# `bench compare` per data set (McNemar tests). Resumable: rerun to finish an interrupted run.
+# The paper's test-time-scaling comparison through the client (docs/pay-off.md: "Test-time
+# scaling on GSM8k and SVAMP"): one server serving the IVON posterior and its AdamW twin, the
+# server's defaults (bf16 on this CPU, the grouped LoRA kernel), temperature 0.7 and max_tokens
+# 256 for the sampled arms, greedy for 0x1; IVON 0x1, 0x32, 4x8 (and 8x4 with EXTRA=1), AdamW
+# 0x1, 0x32; then `bench compare` per data set (McNemar tests). Resumable: rerun to finish an
+# interrupted run.
 #
 #   bash bench/tts.sh            # GSM8k test, first 100 questions; SVAMP, first 200
 set -euo pipefail

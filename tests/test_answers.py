@@ -95,10 +95,6 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-def test_table_is_large():
-    assert len(EXTRACT_CASES) >= 50
-
-
 NORMALIZE_CASES = [
     ("1,234", "1234"),
     ("$18.00", "18"),

@@ -1,4 +1,4 @@
-"""Settings: one flag, environment variable and README row per setting, their precedence
+"""Settings: one flag, environment variable and docs/settings.md row per setting, their precedence
 (flags, environment, config file, defaults), the posterior lists, and what the engine gets."""
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ def test_every_setting_has_a_documented_flag(capsys):
         assert f"IVONSERVE_{name.upper()}" in text
 
 
-def test_every_setting_is_in_the_readme_table():
+def test_every_setting_is_in_the_settings_table():
     from ivonserve.config import repo_root
 
-    readme = (repo_root() / "README.md").read_text()
+    table = (repo_root() / "docs" / "settings.md").read_text()
     for name in Settings.model_fields:
         flag, env = "--" + name.replace("_", "-"), f"IVONSERVE_{name.upper()}"
-        assert f"| `{flag}` | `{env}` |" in readme, name
+        assert f"| `{flag}` | `{env}` |" in table, name
 
 
 def test_flags_override_the_environment(monkeypatch):

@@ -148,18 +148,46 @@ def test_defaults_messages_and_random_seed(client, tiny_settings):
     assert post(client, {"prompt": "hi", "model": "tiny", "max_tokens": 2})["model"] == "tiny"
 
 
+def assert_selected_by(answer: dict, method: str, utility: str) -> None:
+    """The server chose what mbr.select chooses on the candidates it returned, with the same
+    scores and confidence: the request's method and utility were the ones applied."""
+    candidates = answer["candidates"]
+    chosen = mbr.select(
+        [
+            mbr.Candidate(
+                draw=c["model"] or 0, text=c["text"], logprob=c["logprob"], tokens=c["tokens"]
+            )
+            for c in candidates
+        ],
+        method=method,
+        utility=utility,
+    )
+    assert [c["score"] for c in candidates] == pytest.approx(chosen.scores, abs=1e-9)
+    assert answer["confidence"] == pytest.approx(chosen.confidence, abs=1e-9)
+    winner = candidates[chosen.index]
+    assert (answer["chosen_model"], answer["chosen_sample"]) == (winner["model"], winner["sample"])
+    assert answer["text"] == chosen.text and answer["answer"] == chosen.answer
+
+
+# chrF as the utility: a soft one, under which the methods' scores differ
 @pytest.mark.parametrize("method", sorted(mbr.METHODS))
 def test_every_selection_method(client, method):
     body = {"prompt": PROMPT, "n_models": 2, "n_samples": 2, "max_tokens": 8, "seed": 3}
-    answer = post(client, {**body, "selection": method, "return_candidates": True})
+    answer = post(
+        client, {**body, "selection": method, "utility": "chrf", "return_candidates": True}
+    )
     assert answer["selection"] == method
-    assert answer["text"] in {c["text"] for c in answer["candidates"]}
+    assert_selected_by(answer, method, "chrf")
 
 
 @pytest.mark.parametrize("utility", sorted(mbr.UTILITIES))
 def test_every_utility(client, utility):
     body = {"prompt": PROMPT, "n_models": 2, "n_samples": 2, "max_tokens": 8, "seed": 3}
-    assert post(client, {**body, "utility": utility})["utility"] == utility
+    answer = post(
+        client, {**body, "utility": utility, "selection": "flat", "return_candidates": True}
+    )
+    assert answer["utility"] == utility
+    assert_selected_by(answer, "flat", utility)
 
 
 # --- invalid input ------------------------------------------------------------------------------
@@ -260,7 +288,9 @@ def test_client_disconnect_aborts_its_engine_requests(live, client, engine):
         time.sleep(0.02)
     assert engine.num_unfinished_requests() == 0
     assert engine.aborted_requests - aborted_before == POOL_SIZE
-    assert post(client, {"prompt": "hi", "max_tokens": 2})["text"] is not None
+    # and the engine serves the next request in full
+    after = {"prompt": "hi", "n_models": 1, "n_samples": 1, "max_tokens": 2, "ignore_eos": True}
+    assert post(client, after)["usage"]["completion_tokens"] == 2
 
 
 def test_request_timeout_is_504_and_aborts(live, engine, tiny_settings):

@@ -69,7 +69,8 @@ def test_vllms_worker_computes_on_every_core(live, engine):
 
 def test_vllms_worker_caps_onednns_primitive_cache(live, engine):
     """Uncapped, oneDNN's cache of GEMM primitives per shape grows vLLM's worker without
-    levelling off (README, Soak); the worker itself must see the cap, not only this process."""
+    levelling off (docs/benchmarks.md, oneDNN's primitive cache); the worker itself must see the
+    cap, not only this process."""
     assert os.environ.get(ONEDNN_CACHE_ENV) == CPU_ONEDNN_CACHE_CAPACITY  # the engine set it
     assert _status(live, engine)["onednn_primitive_cache_capacity"] == CPU_ONEDNN_CACHE_CAPACITY
 
