@@ -9,18 +9,22 @@
 #            runs ess 1e7 at every lr instead (4 more runs: the cross the issue lists)
 # Resumable: a finished run is skipped, a killed one resumes from its checkpoint. JOBS runs side by
 # side with one thread each (2 cores: 2 x 1 thread beat 1 x 2 by ~9%, measured 2026-12-05).
-#   bash bench/mc_pilots.sh            # ARC-Easy, 100 steps, 300 validation questions
+# FORM is the answer's form (src/ivonserve/choices.py): text (cloze, the default: SmolLM2-135M is
+# at chance with letters, zero-shot and after these pilots: bench/results/mc-pilots/arc-easy-letter)
+# or letter (the authors' form).
+#   bash bench/mc_pilots.sh            # ARC-Easy, text answers, 100 steps, 300 validation questions
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/mc/arc-easy/train.jsonl}
-OUT=${OUT:-bench/results/mc-pilots/arc-easy}
+FORM=${FORM:-text}
+OUT=${OUT:-bench/results/mc-pilots/arc-easy-$FORM}
 STEPS=${STEPS:-100}
 HOLDOUT=${HOLDOUT:-300}
 JOBS=${JOBS:-2}
 IVONSERVE=${IVONSERVE:-.venv/bin/ivonserve}
 PYTHON=${PYTHON:-.venv/bin/python}
 
-common="--data $DATA --holdout $HOLDOUT --steps $STEPS --batch-size 8 --lr-schedule linear
+common="--data $DATA --mc-form $FORM --holdout $HOLDOUT --steps $STEPS --batch-size 8 --lr-schedule linear
   --weight-decay 0 --eval-draws 4 --threads 1 --checkpoint-every 25 --seed 0 --no-progress"
 ivon="--optimizer ivon --clip-radius 1e-3 --beta2 0.99999 --hess-init 1e-3"
 

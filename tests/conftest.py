@@ -220,6 +220,7 @@ def tiny_posterior(tiny_root: Path, tiny_model: Path) -> Path:
         ess=1e4,  # sigma ~0.58: draws differ visibly
         max_length=64,
         checkpoint_every=2,
+        precision="float32",  # the same weights on every CPU (auto: bf16 where native)
     )
     out = train(config, tiny_model, progress=False)
     # Four steps barely move lora_B from its zero init, so the mean adapter would decode like the
@@ -343,21 +344,17 @@ class HFReference:
         return [table[t - 1, ids[t]].item() for t in range(start, len(ids))]
 
     def _greedy(self, adapter_dir: str | Path | None, prompt_ids: list[int], n: int) -> list[int]:
-        import copy
-
+        """Argmax decoding by hand, one forward pass per token: generate() may stop at the
+        model's EOS whatever the generation config says, vLLM's ignore_eos never does."""
         import torch
 
         model = self.model(adapter_dir)
-        config = copy.deepcopy(model.generation_config)
-        config.eos_token_id = None  # ignore_eos: decode exactly n tokens
-        config.do_sample = False
-        config.max_new_tokens = n
-        config.min_new_tokens = None
-        config.pad_token_id = self.tokenizer.pad_token_id
-        ids = torch.tensor([prompt_ids])
+        ids = list(prompt_ids)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        return out[0, len(prompt_ids) :].tolist()
+            for _ in range(n):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(torch.argmax(logits)))
+        return ids[len(prompt_ids) :]
 
     def decode(self, ids: list[int]) -> str:
         """The text vLLM returns for these ids: vLLM's incremental detokenizer withholds an

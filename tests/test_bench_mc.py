@@ -48,14 +48,14 @@ def test_arms_metrics_come_from_the_records(live, data, tmp_path):
     assert sorted({(r["model"], r["n_models"]) for r in records}) == [
         ("tiny", 0), ("tiny", 4), ("tiny-mean", 0)
     ]  # fmt: skip
-    assert {len(r["letter_logprobs"][0]) for r in records} == {2, 3, 4, 5}
+    assert {len(r["choice_logprobs"][0]) for r in records} == {2, 3, 4, 5}
     big = {r["index"]: r for r in records if r["n_models"] == 4}
     labels = [row["label"] for row in MC_ROWS]
     for arm in results["arms"]:
         if arm["model"] == "tiny" and arm["k"] > 0:
             probs = [
                 calibration.predictive(
-                    [calibration.softmax_over(d) for d in big[i]["letter_logprobs"][: arm["k"]]]
+                    [calibration.softmax_over(d) for d in big[i]["choice_logprobs"][: arm["k"]]]
                 )
                 for i in range(len(MC_ROWS))
             ]
@@ -93,7 +93,7 @@ def test_a_rerun_resumes_and_temperature_scaling_is_fitted_on_validation(live, d
     rows = [r for r in _records(validation)]
     gold = {i: row["label"] for i, row in enumerate(MC_ROWS[-3:])}
     expected = calibration.fit_temperature(
-        [r["letter_logprobs"][0] for r in rows], [gold[r["index"]] for r in rows]
+        [r["choice_logprobs"][0] for r in rows], [gold[r["index"]] for r in rows]
     )
     assert scaled[0]["temperature"] == pytest.approx(expected, rel=1e-3)
     assert np.isfinite(scaled[0]["nll"])
@@ -104,6 +104,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "ivonserve", "bench", "mc", "--no-progress", *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def test_text_form_scores_each_choice_text(live, data, tmp_path):
+    out = tmp_path / "text"
+    results = asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0,2", "--form", "text")))
+    assert results["form"] == "text" and "answered by text" in (out / "report.md").read_text()
+    assert {len(r["choice_logprobs"][0]) for r in _records(out)} == {2, 3, 4, 5}
+    again = _args(live.url, data, out, "--n-models", "0,2", "--form", "letter")
+    with pytest.raises(Exception, match="another --form"):
+        asyncio.run(mc.run(again))
 
 
 def test_bad_url_data_or_model_is_one_line_and_exit_2(live, data, tmp_path):

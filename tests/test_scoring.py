@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import POOL_SIZE
 
+from ivonserve import calibration
+from ivonserve import choices as mc
 from ivonserve.predictive import sequence_predictive, token_predictive
 
 PROMPT = "What is 4 * 6?"
@@ -215,3 +217,77 @@ def test_lm_eval_harness_scores_through_the_server(live, engine, hf, tiny_model,
             totals.append(math.fsum(hf.logprobs(mean, ids, len(context))))
         right += int(np.argmax(totals) == row["gold"])
     assert accuracy == pytest.approx(right / len(rows))
+
+
+# --- multiple choice: /score/choices ------------------------------------------------------------
+QUESTION, CHOICES = "What is 4 * 6?", ["10", "20", "24", "30"]
+
+
+def _choice_logprobs(hf, adapter, engine) -> list[float]:
+    """peft's log p(letter) after the question's prompt (one forward pass)."""
+    ids = mc.prompt_ids(engine.tokenizer, QUESTION, CHOICES)
+    letters = mc.letter_token_ids(engine.tokenizer, len(CHOICES))
+    return [hf.logprobs(adapter, [*ids, t], len(ids))[0] for t in letters]
+
+
+def test_choices_equal_peft_for_the_mean_and_each_draw(client, engine, hf):
+    pool = engine.pools["tiny"]
+    body = {"question": QUESTION, "choices": CHOICES, "n_models": 3}
+    answer = client.post("/score/choices", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["object"] == "ivonserve.choice_score" and result["letters"] == list("ABCD")
+    expected = [_choice_logprobs(hf, d.lora_path, engine) for d in pool.draws[:3]]
+    assert np.allclose(result["choice_logprobs"], expected, atol=TIGHT, rtol=0)
+    draws = [calibration.softmax_over(lp) for lp in expected]
+    assert np.allclose(result["draws"], draws, atol=TIGHT, rtol=0)
+    assert result["probs"] == pytest.approx(np.mean(draws, axis=0), abs=TIGHT)
+    assert sum(result["probs"]) == pytest.approx(1.0)
+    assert result["answer"] == int(np.argmax(result["probs"]))
+    assert result["confidence"] == pytest.approx(max(result["probs"]))
+    assert result["disagreement"] > 0  # the tiny posterior's draws differ
+    assert result["prompt_tokens"] == len(mc.prompt_ids(engine.tokenizer, QUESTION, CHOICES))
+
+    mean = client.post("/score/choices", json={**body, "n_models": 0}).json()
+    expected_mean = _choice_logprobs(hf, pool.mean.lora_path, engine)
+    assert mean["choice_logprobs"] == [pytest.approx(expected_mean, abs=TIGHT)]
+    assert mean["disagreement"] == 0 and len(mean["draws"]) == 1
+
+
+def test_choices_as_text_equal_peft_sequence_likelihoods(client, engine, hf):
+    pool = engine.pools["tiny"]
+    body = {"question": QUESTION, "choices": CHOICES, "n_models": 2, "form": "text"}
+    answer = client.post("/score/choices", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["form"] == "text"
+    prompt = mc.text_prompt_ids(engine.tokenizer, QUESTION)
+    assert result["prompt_tokens"] == len(prompt)
+    expected = [
+        [sum(hf.logprobs(d.lora_path, prompt + mc.choice_token_ids(engine.tokenizer, c),
+                         len(prompt))) for c in CHOICES]
+        for d in pool.draws[:2]
+    ]  # fmt: skip
+    assert np.allclose(result["choice_logprobs"], expected, atol=TIGHT, rtol=0)
+    draws = [calibration.softmax_over(lp) for lp in expected]
+    assert np.allclose(result["probs"], np.mean(draws, axis=0), atol=TIGHT, rtol=0)
+
+
+def test_choices_two_and_five_and_the_errors(client):
+    for choices in (["yes", "no"], ["1", "2", "3", "4", "5"]):
+        answer = client.post("/score/choices", json={"question": "Pick", "choices": choices})
+        assert answer.status_code == 200 and len(answer.json()["probs"]) == len(choices)
+    bad = [
+        ({"question": "q", "choices": ["a"]}, "choices"),
+        ({"question": "q", "choices": list("abcdef")}, "choices"),
+        ({"question": "q", "choices": ["a", " "]}, "choices"),
+        ({"question": "q", "choices": ["a", "b"], "n_models": POOL_SIZE + 1}, "n_models"),
+        ({"question": "", "choices": ["a", "b"]}, "question"),
+    ]
+    for body, field in bad:
+        answer = client.post("/score/choices", json=body)
+        assert answer.status_code == 422, (body, answer.text)
+        assert field in answer.json()["error"]["message"], answer.text
+    missing = client.post("/score/choices", json={"question": "q", "choices": ["a", "b"],
+                                                  "model": "nope"})  # fmt: skip
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]

@@ -1,12 +1,19 @@
 """Multiple-choice questions: the one place that says how a question is shown to the model and
-what it is trained and scored to answer.
+what it is trained and scored to answer, in one of two answer forms.
 
-A question with n choices (2 to 5) becomes one user message (the question, then its choices
-lettered A, B, ...) and the answer is a single token: the letter, right after the chat template's
-generation prompt. Training puts its loss on that token only; scoring reads the next-token
-distribution after the same prompt and keeps the letters' probabilities, so one forward pass per
-(question, draw) scores every choice. Training, the server and the benchmark all build their
-prompts here, so they cannot drift apart.
+``letter`` (the IVON-LoRA authors' form): a question with n choices (2 to 5) becomes one user
+message (the question, then its choices lettered A, B, ...) and the answer is a single token, the
+letter, right after the chat template's generation prompt. Training puts its loss on that token
+only; scoring reads the next-token distribution after the same prompt and keeps the letters'
+probabilities, so one forward pass per (question, draw) scores every choice.
+
+``text`` (cloze, for models too small to bind a letter to a choice): the user message is the
+question alone and the answer is the choice's own text. Training puts its loss on the right
+choice's tokens; scoring takes each choice's log-likelihood log p(choice | question) and
+renormalises over the choices, p_i = p(y_i | x) / sum_j p(y_j | x): one sequence per choice,
+sharing the prompt (vLLM's prefix cache computes it once per draw).
+
+Training, the server and the benchmark all build their prompts here, so they cannot drift apart.
 
 Data format (jsonl): ``{"id": ..., "question": str, "choices": [str, ...], "label": int}`` with
 ``label`` the 0-based index of the right choice (ARC, OpenBookQA as in ``shared/data/mc``).
@@ -23,6 +30,7 @@ from typing import Any
 from ivonserve.errors import IvonserveError
 
 LETTERS = "ABCDE"
+FORMS = ("letter", "text")
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
 INSTRUCTION = "Answer with the letter of the correct choice."
 
@@ -70,6 +78,24 @@ def prompt_ids(tokenizer: Any, question: str, choices: Sequence[str]) -> list[in
     if hasattr(encoded, "keys") and "input_ids" in encoded:  # BatchEncoding in newer transformers
         encoded = encoded["input_ids"]
     return [int(t) for t in encoded]
+
+
+def text_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """The cloze prompt: the question alone as the user message, then the generation prompt."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question.strip()}], add_generation_prompt=True, tokenize=True
+    )
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    return [int(t) for t in encoded]
+
+
+def choice_token_ids(tokenizer: Any, choice: str) -> list[int]:
+    """A choice's text as the assistant's reply (no special tokens)."""
+    ids = [int(t) for t in tokenizer.encode(choice.strip(), add_special_tokens=False)]
+    if not ids:
+        raise IvonserveError(f"choice {choice!r} encodes to no token")
+    return ids
 
 
 def letter_token_ids(tokenizer: Any, n_choices: int) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -109,7 +110,12 @@ def _add_train(commands) -> None:
 
     sub = _command(commands, "train", _run_train, "IVON-LoRA finetuning that writes a posterior")
     defaults = TrainConfig(data="", out="")
-    sub.add_argument("--data", required=True, help="jsonl with question/answer (GSM8k format)")
+    hints = typing.get_type_hints(TrainConfig)
+    sub.add_argument(
+        "--data",
+        required=True,
+        help="jsonl: question/answer (GSM8k) or question/choices/label (multiple choice)",
+    )
     sub.add_argument("--out", required=True, help="posterior folder to write (and resume from)")
     _add_model_flags(sub)
     for f in fields(TrainConfig):
@@ -121,8 +127,9 @@ def _add_train(commands) -> None:
             sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, list):
             sub.add_argument(flag, nargs="+", default=default, help=f"default: {default}")
-        elif f.name == "optimizer":
-            sub.add_argument(flag, choices=["ivon", "adamw"], default=default)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            values = typing.get_args(hints[f.name])
+            sub.add_argument(flag, choices=values, default=default, help=f"default: {default}")
         else:
             kind = float if isinstance(default, float) or f.name == "lr" else int
             sub.add_argument(flag, type=kind, default=default, help=f"default: {default}")
@@ -223,11 +230,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _add_bench(commands) -> None:
-    from ivonserve.bench import compare, gsm8k, likelihood
+    from ivonserve.bench import compare, gsm8k, likelihood, mc
 
     sub = commands.add_parser("bench", help="benchmarks against a running server")
     kinds = sub.add_subparsers(title="benchmarks")
-    for name, module in (("gsm8k", gsm8k), ("likelihood", likelihood), ("compare", compare)):
+    benches = (("gsm8k", gsm8k), ("likelihood", likelihood), ("mc", mc), ("compare", compare))
+    for name, module in benches:
         summary = " ".join(module.__doc__.split("\n\n")[0].split())
         module.add_cli_arguments(_command(kinds, name, module.run_cli, summary))
 

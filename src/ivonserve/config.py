@@ -134,6 +134,23 @@ class Settings(BaseSettings):
     default_utility: str = Field(
         "answer", description="MBR utility when a request leaves it out (see mbr.UTILITIES)"
     )
+    early_stop: Literal["off", "exact", "confidence"] = Field(
+        "off",
+        description="early stopping when a request leaves it out: exact (stop once nothing "
+        "still running can change the answer or chosen text), confidence (Adaptive-Consistency's "
+        "Beta criterion), off; a request whose utility allows only off runs with off "
+        "(docs/early-stopping.md)",
+    )
+    early_stop_threshold: float = Field(
+        0.95,
+        ge=0.5,
+        le=1,
+        description="confidence: stop once P(the leading answer is the mode) >= this, when a "
+        "request leaves it out",
+    )
+    early_stop_min_finished: int = Field(
+        4, ge=1, description="confidence: candidates that must have finished before it stops"
+    )
     request_timeout_s: float = Field(
         600.0,
         gt=0,

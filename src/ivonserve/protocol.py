@@ -82,6 +82,20 @@ class FanOutOptions(_Request):
     selection: str | None = Field(None, description="selection method: one of mbr.METHODS")
     utility: str | None = Field(None, description="MBR utility: one of mbr.UTILITIES")
     return_candidates: bool = Field(False, description="include every candidate in the response")
+    early_stop: Literal["off", "exact", "confidence"] | None = Field(
+        None,
+        description="stop the fan-out once its answer is decided and abort the candidates still "
+        "running: exact (never changes the answer or chosen text), confidence "
+        "(Adaptive-Consistency's Beta criterion), off; 'answer' utility or majority only "
+        "(default: the server's early_stop)",
+    )
+    early_stop_threshold: float | None = Field(
+        None,
+        ge=0.5,
+        le=1,
+        description="confidence: stop once P(the leading answer is the mode) >= this "
+        "(default: the server's early_stop_threshold)",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -276,7 +290,10 @@ class CandidateOut(_Response):
     answer: str | None = Field(description="the normalised final answer, if any")
     logprob: float | None = Field(description="cumulative log-probability of the text")
     tokens: int
-    finish_reason: str | None
+    finish_reason: str | None = Field(
+        description="vLLM's (stop, length), or early_stop: aborted by early stopping, with the "
+        "text it had generated (not selected from; no answer, no score)"
+    )
     score: float | None = Field(
         description="the selection method's score (higher: chosen); null in progress events"
     )
@@ -284,7 +301,9 @@ class CandidateOut(_Response):
 
 class Usage(_Response):
     prompt_tokens: int
-    completion_tokens: int = Field(description="every token generated, over all candidates")
+    completion_tokens: int = Field(
+        description="every token generated, over all candidates (stopped ones: until stopped)"
+    )
     total_tokens: int
 
 
@@ -366,6 +385,65 @@ class ScoreResponse(_Response):
     timing: ScoreTiming
 
 
+class ChoiceScoreRequest(_Request):
+    """POST /score/choices: the probability of each choice of a multiple-choice question under
+    the posterior predictive of draws 0..n_models-1 (0: the mean adapter). The question is shown
+    as ivonserve's training shows it (``ivonserve.choices``), in one of two forms: ``letter``
+    (lettered choices; each choice read off its letter's next-token probability: one forward
+    pass per draw) or ``text`` (the question alone; each choice's text scored as the reply)."""
+
+    question: str = Field(min_length=1, description="the question, without its choices")
+    choices: list[str] = Field(
+        min_length=2, max_length=5, description="the choices' texts, lettered A, B, ... in order"
+    )
+    model: str | None = Field(
+        None, description="posterior or adapter name (see /v1/models); default: the first"
+    )
+    n_models: int | None = Field(
+        None, ge=0, description="posterior draws to average, 0..pool size (0: the mean adapter)"
+    )
+    form: Literal["letter", "text"] = Field(
+        "letter", description="letter: answer with the choice's letter; text: with its text"
+    )
+
+    @field_validator("choices")
+    @classmethod
+    def _non_empty_choices(cls, value: list[str]) -> list[str]:
+        if any(not c.strip() for c in value):
+            raise ValueError("choices must not be empty strings")
+        return value
+
+
+class ChoiceScoreResponse(_Response):
+    id: str
+    object: Literal["ivonserve.choice_score"] = "ivonserve.choice_score"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str = Field(description="the posterior that scored")
+    n_models: int
+    form: Literal["letter", "text"]
+    letters: list[str]
+    probs: list[float] = Field(
+        description="posterior predictive over the choices: the mean of the draws' distributions"
+    )
+    answer: int = Field(description="index of the likeliest choice")
+    confidence: float = Field(description="the likeliest choice's probability")
+    disagreement: float = Field(
+        description="mutual information, nats: entropy of probs minus the draws' mean entropy "
+        "(>= 0; 0 when every draw gives the same distribution: the epistemic part)"
+    )
+    draws: list[list[float]] = Field(
+        description="each draw's distribution over the choices (n_models=0: [the mean's])"
+    )
+    choice_logprobs: list[list[float]] = Field(
+        description="each draw's log-probability of each choice (letter: of its letter's token, "
+        "over the whole vocabulary; text: of its whole text), before renormalising over the "
+        "choices (the logits of temperature scaling)"
+    )
+    prompt_tokens: int
+    usage: Usage
+    timing: ScoreTiming
+
+
 class Consensus(_Response):
     """How the choice was made: ivonserve's extra object on OpenAI responses, and the core of
     /generate's response."""
@@ -380,6 +458,11 @@ class Consensus(_Response):
     selection: str
     utility: str
     seed: int
+    early_stop: str = Field(description="the early stopping rule the request ran with")
+    n_finished: int = Field(description="candidates that finished: the ones selected from")
+    n_stopped: int = Field(
+        description="candidates early stopping aborted (finish_reason early_stop)"
+    )
     candidates: list[CandidateOut] | None = None
     timing: Timing
 

@@ -40,6 +40,7 @@ class TrainConfig:
     out: str
     model: str | None = None
     format: Literal["auto", "qa", "mc"] = "auto"  # auto: mc when rows have `choices`
+    mc_form: Literal["letter", "text"] = "letter"  # multiple choice: the answer's form (choices)
     optimizer: Literal["ivon", "adamw"] = "ivon"
     rank: int = 8
     alpha: int = 16
@@ -126,20 +127,32 @@ def load_qa(path: Path, limit: int | None = None, holdout: int = 0) -> list[tupl
     return examples
 
 
-def encode(tokenizer: Any, example: Example, max_length: int) -> dict:
+def encode(tokenizer: Any, example: Example, max_length: int, mc_form: str = "letter") -> dict:
     if isinstance(example, mc.MCQuestion):
-        return encode_choice(tokenizer, example, max_length)
+        return encode_choice(tokenizer, example, max_length, mc_form)
     return encode_example(tokenizer, *example, max_length)
 
 
-def encode_choice(tokenizer: Any, question: mc.MCQuestion, max_length: int) -> dict:
-    """The prompt and the answer letter after it, the loss on the letter alone. The prompt is
-    cut from the left if too long, so the letter is never the part that goes."""
+def encode_choice(
+    tokenizer: Any, question: mc.MCQuestion, max_length: int, answer: str = "letter"
+) -> dict:
+    """The prompt and the right answer after it (its letter, or its text), the loss on the
+    answer alone. The prompt is cut from the left if too long, so the answer never goes."""
     assert question.label is not None
-    prompt = mc.prompt_ids(tokenizer, question.question, question.choices)
-    letter = mc.letter_token_ids(tokenizer, len(question.choices))[question.label]
-    prompt = prompt[-(max_length - 1) :]
-    return {"input_ids": [*prompt, letter], "labels": [-100] * len(prompt) + [letter]}
+    prompt, target = mc_sequence(tokenizer, question, question.label, answer)
+    prompt = prompt[-max(1, max_length - len(target)) :]
+    return {"input_ids": [*prompt, *target], "labels": [-100] * len(prompt) + target}
+
+
+def mc_sequence(
+    tokenizer: Any, question: mc.MCQuestion, choice: int, answer: str
+) -> tuple[list[int], list[int]]:
+    """(prompt, answer tokens) of one choice of a question in the given answer form."""
+    if answer == "letter":
+        prompt = mc.prompt_ids(tokenizer, question.question, question.choices)
+        return prompt, [mc.letter_token_ids(tokenizer, len(question.choices))[choice]]
+    prompt = mc.text_prompt_ids(tokenizer, question.question)
+    return prompt, mc.choice_token_ids(tokenizer, question.choices[choice])
 
 
 def encode_example(tokenizer: Any, question: str, target: str, max_length: int) -> dict:
@@ -310,7 +323,9 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
     losses: list[float] = []
     for step in range(start, config.steps):
         indices = batch_indices(len(examples), config.batch_size, config.seed, step)
-        rows = [encode(tokenizer, examples[i], config.max_length) for i in indices]
+        rows = [
+            encode(tokenizer, examples[i], config.max_length, config.mc_form) for i in indices
+        ]
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * lr_factor(config, step)
         loss = train_step(model, optimizer, collate(rows, pad_id), config, precision)
@@ -366,6 +381,41 @@ def choice_logprobs(
     return [out[i] for i in range(len(questions))]
 
 
+def text_choice_logprobs(
+    model: Any, tokenizer: Any, questions: list[mc.MCQuestion], precision: str, batch: int = 32
+) -> list[list[float]]:
+    """log p(choice text | question) of every choice of every question (the ``text`` form),
+    the output layer applied only at the choices' tokens; batches in order of length."""
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    causal = model.get_base_model()
+    pairs = [(qi, ci) for qi, q in enumerate(questions) for ci in range(len(q.choices))]
+    rows = []
+    for qi, ci in pairs:
+        prompt, target = mc_sequence(tokenizer, questions[qi], ci, "text")
+        rows.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    totals: dict[int, float] = {}
+    with torch.no_grad(), forward_context(precision):
+        for first in range(0, len(order), batch):
+            chunk = order[first : first + batch]
+            inputs = collate([rows[i] for i in chunk], pad_id)
+            hidden = causal.get_decoder()(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).last_hidden_state
+            labels = inputs["labels"][:, 1:]
+            keep = labels != -100
+            logits = causal.get_output_embeddings()(hidden[:, :-1][keep]).float()
+            picked = torch.log_softmax(logits, dim=-1).gather(1, labels[keep][:, None])[:, 0]
+            per_row = torch.zeros(len(chunk), dtype=torch.float64)
+            per_row.index_add_(0, keep.nonzero()[:, 0], picked.double())
+            totals.update(zip(chunk, per_row.tolist(), strict=True))
+    out: list[list[float]] = [[] for _ in questions]
+    for i, (qi, _) in enumerate(pairs):
+        out[qi].append(totals[i])
+    return out
+
+
 def validate_choices(
     model: Any,
     tokenizer: Any,
@@ -384,9 +434,12 @@ def validate_choices(
     def scored(per_question_logprobs: list[list[float]]) -> list[np.ndarray]:
         return [calibration.softmax_over(lp) for lp in per_question_logprobs]
 
-    arms = {"mean" if config.optimizer == "ivon" else "adamw": scored(
-        choice_logprobs(model, tokenizer, questions, precision)
-    )}  # fmt: skip
+    def logprobs() -> list[list[float]]:
+        if config.mc_form == "text":
+            return text_choice_logprobs(model, tokenizer, questions, precision)
+        return choice_logprobs(model, tokenizer, questions, precision)
+
+    arms = {"mean" if config.optimizer == "ivon" else "adamw": scored(logprobs())}
     if config.optimizer == "ivon" and config.eval_draws > 0:
         draws = []
         state = torch.get_rng_state()
@@ -394,7 +447,7 @@ def validate_choices(
         try:
             for _ in range(config.eval_draws):
                 with optimizer.sampled_params():
-                    draws.append(scored(choice_logprobs(model, tokenizer, questions, precision)))
+                    draws.append(scored(logprobs()))
         finally:
             torch.set_rng_state(state)
         for k in sorted({1, 2, 4, config.eval_draws}):
@@ -405,6 +458,7 @@ def validate_choices(
     return {
         "data": config.data,
         "holdout": config.holdout,
+        "form": config.mc_form,
         "questions": len(questions),
         "ece_bins": calibration.ECE_BINS,
         "arms": {

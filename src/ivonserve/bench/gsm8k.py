@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import time
@@ -69,7 +70,23 @@ def request_body(point: GridPoint, question: Question, args: argparse.Namespace)
         "seed": args.seed + question.index,
         "selection": args.selection,
         "utility": args.utility,
+        **early_stop_fields(args),
     }
+
+
+def early_stop_fields(args: argparse.Namespace) -> dict:
+    """--early-stop and --early-stop-threshold as request fields (left out: the server's)."""
+    fields = {}
+    if getattr(args, "early_stop", None) is not None:
+        fields["early_stop"] = args.early_stop
+    if getattr(args, "early_stop_threshold", None) is not None:
+        fields["early_stop_threshold"] = args.early_stop_threshold
+    return fields
+
+
+def text_digest(text: str | None) -> str | None:
+    """A short fingerprint of the chosen text: two runs chose the same text iff these match."""
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_done(path: Path) -> dict[tuple[str, int], dict]:
@@ -111,6 +128,11 @@ async def run_point(
             "confidence": body.get("confidence"),
             "completion_tokens": body.get("usage", {}).get("completion_tokens", 0),
             "latency_s": round(latency, 4),
+            "early_stop": body.get("early_stop"),
+            "n_finished": body.get("n_finished"),
+            "n_stopped": body.get("n_stopped"),
+            "chosen": [body.get("chosen_model"), body.get("chosen_sample")],
+            "text_sha": text_digest(body.get("text")),
         }
         sink.write(json.dumps(row) + "\n")
         sink.flush()
@@ -168,6 +190,8 @@ def summarise(point: GridPoint, rows: list[dict], wall_s: float | None) -> dict:
         "latency_s": {f"p{q}": float(np.percentile(latency, q)) for q in (50, 95, 99)},
         "completion_tokens": tokens,
         "tokens_per_question": tokens / len(rows),
+        "stopped_per_question": float(np.mean([r.get("n_stopped") or 0 for r in rows])),
+        "stopped_questions": float(np.mean([(r.get("n_stopped") or 0) > 0 for r in rows])),
     }
     if wall_s:  # only when every question of the point ran in this invocation
         summary["questions_per_s"] = len(rows) / wall_s
@@ -188,7 +212,8 @@ def write_report(out: Path, results: dict) -> None:
         f"Server {results['url']}, model `{results['model']}`, data {results['data']}, "
         f"{results['questions']} questions, "
         f"selection `{results['selection']}`, utility `{results['utility']}`, "
-        f"max_tokens {results['max_tokens']}, temperature {results['temperature']}.",
+        f"max_tokens {results['max_tokens']}, temperature {results['temperature']}, "
+        f"early stop {_early_stop_label(results)}.",
         "",
         "| grid | candidates | accuracy | 95% CI | answered | ECE | p50 s | p95 s | tok/question"
         " | tok/s | q/s |",
@@ -206,6 +231,14 @@ def write_report(out: Path, results: dict) -> None:
     lines += ["", "Plots: `accuracy.png` (accuracy and tokens against candidates per question),"]
     lines += ["`reliability.png` (confidence against accuracy per grid point).", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _early_stop_label(results: dict) -> str:
+    rule = results.get("early_stop")
+    if rule is None:
+        return "the server's default"
+    threshold = results.get("early_stop_threshold")
+    return f"`{rule}`" + (f" at {threshold}" if threshold is not None else "")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -290,6 +323,8 @@ async def run(args: argparse.Namespace) -> dict:
         "utility": args.utility,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
+        "early_stop": args.early_stop,
+        "early_stop_threshold": args.early_stop_threshold,
         "points": summaries,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -312,6 +347,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7, help="sampled points (not 0x1)")
     parser.add_argument("--seed", type=int, default=0, help="question i uses seed + i")
+    parser.add_argument(
+        "--early-stop",
+        choices=["off", "exact", "confidence"],
+        help="the requests' early_stop rule (default: the server's); records then hold each "
+        "question's stopped candidates and chosen text (bench/early_stop.sh compares rules)",
+    )
+    parser.add_argument(
+        "--early-stop-threshold",
+        type=float,
+        help="the requests' early_stop_threshold (confidence; default: the server's)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--out", default="bench/results/gsm8k", help="results folder")
     parser.add_argument("--no-progress", action="store_true")

@@ -31,7 +31,7 @@ import numpy as np
 from ivonserve import calibration
 from ivonserve.bench.common import RECORDS, check_server, load_records, served_models
 from ivonserve.bench.likelihood import parse_ks
-from ivonserve.choices import MCQuestion, load_mc
+from ivonserve.choices import FORMS, MCQuestion, load_mc
 from ivonserve.errors import IvonserveError
 
 DEFAULT_K = "0,1,2,4,8"
@@ -74,7 +74,7 @@ async def score_all(
     async def one(request: tuple[str, str, int], question: MCQuestion) -> None:
         label, model, n_models = request
         body = {"question": question.question, "choices": list(question.choices),
-                "model": model, "n_models": n_models}  # fmt: skip
+                "model": model, "n_models": n_models, "form": args.form}  # fmt: skip
         async with semaphore:
             response = await client.post("/score/choices", json=body)
         if response.status_code != 200:
@@ -83,7 +83,7 @@ async def score_all(
             )
         answer = response.json()
         row = {"label": label, "model": model, "n_models": n_models, "index": question.index,
-               "id": question.id, "letter_logprobs": answer["letter_logprobs"]}  # fmt: skip
+               "id": question.id, "choice_logprobs": answer["choice_logprobs"]}  # fmt: skip
         sink.write(json.dumps(row) + "\n")
         sink.flush()
         bar.update(1)
@@ -109,7 +109,7 @@ def arm_probs(arm: Arm, records: dict, questions: list[MCQuestion]) -> list[np.n
     t = 1.0 if arm.temperature is None else arm.temperature
     out = []
     for q in questions:
-        draws = held[q.index]["letter_logprobs"][: max(arm.k, 1)]
+        draws = held[q.index]["choice_logprobs"][: max(arm.k, 1)]
         out.append(
             calibration.predictive([calibration.softmax_over(np.array(d) / t) for d in draws])
         )
@@ -167,11 +167,16 @@ def summarise(arms: list[Arm], records: dict, questions: list[MCQuestion], seed:
     return {"arms": rows, "pairs": pairs}
 
 
-def fitted_temperatures(validation: Path, arms: list[Arm]) -> list[Arm]:
+def fitted_temperatures(validation: Path, arms: list[Arm], form: str) -> list[Arm]:
     """K = 0 arms rescaled by the temperature that minimises their NLL on a validation run."""
     path = validation / RECORDS
     if not path.is_file():
         raise IvonserveError(f"--fit-temperature: {path} not found (run bench mc there first)")
+    results = json.loads((validation / "results.json").read_text())
+    if results["form"] != form:
+        raise IvonserveError(f"--fit-temperature: {validation} was answered by {results['form']}")
+    data = load_mc(Path(results["data"]), results["limit"], results["holdout"])
+    gold = {q.index: q.label for q in data}
     records = load_records(path, _key)
     out = []
     for arm in arms:
@@ -182,10 +187,7 @@ def fitted_temperatures(validation: Path, arms: list[Arm]) -> list[Arm]:
         ]
         if not rows:
             continue
-        results = json.loads((validation / "results.json").read_text())
-        data = load_mc(Path(results["data"]), results["limit"], results["holdout"])
-        gold = {q.index: q.label for q in data}
-        logits = [r["letter_logprobs"][0] for r in rows]
+        logits = [r["choice_logprobs"][0] for r in rows]
         t = calibration.fit_temperature(logits, [gold[r["index"]] for r in rows])
         out.append(Arm(arm.label, arm.model, 0, round(t, 4)))
     return out
@@ -212,8 +214,9 @@ def write_report(out: Path, results: dict) -> None:
         "# Multiple-choice accuracy and calibration with ivonserve",
         "",
         f"Data set {results['dataset']} ({results['data']}{where}), {results['questions']} "
-        f"questions; server(s): {', '.join(results['servers'])}. Bootstrap 95% intervals over "
-        f"questions (2000 resamples); ECE over {results['ece_bins']} equal-width bins.",
+        f"questions, answered by {results['form']}; server(s): "
+        f"{', '.join(results['servers'])}. Bootstrap 95% intervals over questions (2000 "
+        f"resamples); ECE over {results['ece_bins']} equal-width bins.",
         "",
         *arms_table(results["arms"]),
         "",
@@ -314,16 +317,19 @@ def _update_results(
     """results.json over every arm recorded in this folder (earlier runs' labels included)."""
     path = out / "results.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
-    if previous and (previous["data"], previous["holdout"], previous["limit"]) != (
-        str(args.data),
-        args.holdout,
-        args.limit,
-    ):
-        raise IvonserveError(f"{out}: holds results of other questions; use another --out")
+    if previous and (
+        previous["data"],
+        previous["holdout"],
+        previous["limit"],
+        previous["form"],
+    ) != (str(args.data), args.holdout, args.limit, args.form):
+        raise IvonserveError(
+            f"{out}: holds results of other questions or another --form; use another --out"
+        )
     arms = [Arm(a["label"], a["model"], a["k"], a["temperature"]) for a in previous.get("arms", [])]
     arms += [a for a in new_arms if a not in arms]
     if args.fit_temperature:
-        fitted = fitted_temperatures(Path(args.fit_temperature), arms)
+        fitted = fitted_temperatures(Path(args.fit_temperature), arms, args.form)
         arms = [a for a in arms if a.temperature is None] + fitted
     configs = previous.get("servers", {})
     config = configs.setdefault(args.label or "-", {"url": args.url, "models": {}, "seconds": 0})
@@ -335,6 +341,7 @@ def _update_results(
         "data": str(args.data),
         "holdout": args.holdout,
         "limit": args.limit,
+        "form": args.form,
         "questions": len(questions),
         "ece_bins": calibration.ECE_BINS,
         "servers": configs,
@@ -349,6 +356,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="multiple-choice jsonl: question, choices, label")  # fmt: skip
     parser.add_argument("--dataset", help="its name in the results (default: the file's folder)")
+    parser.add_argument("--form", choices=FORMS, default="letter",
+                        help="how the model answers: with the choice's letter, or its text "
+                        "(ivonserve.choices; default letter)")  # fmt: skip
     parser.add_argument("--holdout", type=int, default=0,
                         help="only the last N rows: the validation slice `train --holdout N` "
                         "kept out of training")  # fmt: skip

@@ -25,6 +25,8 @@ from ivonserve.engine import Engine
 from ivonserve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceScoreRequest,
+    ChoiceScoreResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -42,6 +44,7 @@ from ivonserve.server.lifecycle import EngineState
 from ivonserve.server.limits import Admission, Ticket
 from ivonserve.server.metrics import Metrics
 from ivonserve.server.middleware import RequestContext
+from ivonserve.server.page import add_page
 from ivonserve.server.responses import (
     ChatStream,
     CompletionStream,
@@ -256,6 +259,16 @@ async def score(request: ScoreRequest, raw_request: Request) -> Any:
     return await _in_slot(raw_request, lambda t: service.score(plan, t, _log(raw_request)))
 
 
+@router.post("/score/choices", response_model=ChoiceScoreResponse, responses=_ERRORS)
+@with_cancellation
+async def score_choices(request: ChoiceScoreRequest, raw_request: Request) -> Any:
+    """The probability of each choice of a multiple-choice question under the posterior
+    predictive of n_models draws (0: the mean adapter), from one forward pass per draw."""
+    service = _scoring(raw_request)
+    plan = service.plan_choices(request)
+    return await _in_slot(raw_request, lambda t: service.choices(plan, t, _log(raw_request)))
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
@@ -335,6 +348,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.generation = GenerationService(settings, state.require, admission, metrics)
     app.state.scoring = ScoringService(settings, state.require, admission, metrics)
     app.include_router(router)
+    add_page(app)  # the consensus page at /ui/ (issue 32)
     add_error_handlers(app)
     app.add_middleware(
         RequestContext,

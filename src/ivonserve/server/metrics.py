@@ -67,6 +67,25 @@ class Metrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+        self.early_stops = Counter(
+            "ivonserve_early_stops",
+            "generation requests whose fan-out early stopping cut short, by rule",
+            ["model", "rule"],
+            registry=r,
+        )
+        self.stopped_candidates = Counter(
+            "ivonserve_stopped_candidates",
+            "candidates early stopping aborted before they finished",
+            ["model"],
+            registry=r,
+        )
+        self.saved_tokens = Counter(
+            "ivonserve_saved_tokens",
+            "max_tokens the stopped candidates left unspent: an upper bound on the tokens early "
+            "stopping saved (bench/early_stop.sh measures the actual saving against off)",
+            ["model"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "ivonserve_client_disconnects",
             "generation requests whose client went away before the answer (work aborted)",

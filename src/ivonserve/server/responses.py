@@ -8,9 +8,12 @@ import time
 import uuid
 from typing import Any
 
-from ivonserve import predictive
+import numpy as np
+
+from ivonserve import calibration, predictive
+from ivonserve import choices as mc
 from ivonserve.answers import extract_answer
-from ivonserve.engine import Generated, Scored, TokenScores
+from ivonserve.engine import STOPPED, Generated, Scored, TokenScores
 from ivonserve.protocol import (
     AssistantMessage,
     CandidateOut,
@@ -18,6 +21,7 @@ from ivonserve.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
+    ChoiceScoreResponse,
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
@@ -63,17 +67,23 @@ def _consensus_fields(outcome: Outcome) -> dict[str, Any]:
         "selection": plan.selection,
         "utility": plan.utility,
         "seed": outcome.fan.seed,
+        "early_stop": plan.early_stop.rule,
+        "n_finished": len(outcome.fan.candidates),
+        "n_stopped": len(outcome.fan.stopped),
         "candidates": candidates_out(outcome) if plan.return_candidates else None,
         "timing": outcome.timing,
     }
 
 
 def candidates_out(outcome: Outcome) -> list[CandidateOut]:
+    """The finished candidates with their scores, then those early stopping aborted (no answer,
+    no score: they were not selected from)."""
     chosen, fan = outcome.chosen, outcome.fan
     answers = chosen.answers or tuple(extract_answer(c.text) for c in fan.candidates)
-    return [
+    finished = [
         candidate_out(c, answers[i], float(chosen.scores[i])) for i, c in enumerate(fan.candidates)
     ]
+    return finished + [candidate_out(c, None, None) for c in fan.stopped]
 
 
 def candidate_out(c: Generated, answer: str | None, score: float | None) -> CandidateOut:
@@ -190,11 +200,15 @@ class CompletionStream(_OpenAIStream):
 
 
 def progress_event(candidates: list[Generated]) -> dict[str, Any]:
-    """One /generate progress event: a draw's candidates, as soon as that draw finished."""
+    """One /generate progress event: a draw's candidates, as soon as that draw finished (with
+    early stopping, or was stopped: its stopped candidates have finish_reason early_stop)."""
     return {
         "type": "candidates",
         "candidates": [
-            candidate_out(c, extract_answer(c.text), None).model_dump() for c in candidates
+            candidate_out(
+                c, None if c.finish_reason == STOPPED else extract_answer(c.text), None
+            ).model_dump()
+            for c in candidates
         ],
     }
 
@@ -253,6 +267,41 @@ def score_response(
         usage=usage(scored.prompt_tokens, 0),
         timing=ScoreTiming(
             queue_s=round(queue_s, 4), score_s=round(scored.seconds, 4), total_s=round(total_s, 4)
+        ),
+    )
+
+
+def choice_score_response(
+    model: str,
+    n_draws: int,
+    form: str,
+    per_draw: list[list[float]],
+    prompt_tokens: int,
+    processed_tokens: int,
+    score_s: float,
+    queue_s: float,
+    total_s: float,
+) -> ChoiceScoreResponse:
+    """The posterior predictive over a question's choices: each draw's log-probabilities of the
+    choices renormalised over them, then averaged (Bayesian model averaging of the draws)."""
+    draws = [calibration.softmax_over(lp) for lp in per_draw]
+    probs = calibration.predictive(draws)
+    return ChoiceScoreResponse(
+        id=f"choices-{uuid.uuid4().hex}",
+        model=model,
+        n_models=n_draws,
+        form=form,
+        letters=mc.letters(len(probs)),
+        probs=probs.tolist(),
+        answer=int(np.argmax(probs)),
+        confidence=float(np.max(probs)),
+        disagreement=calibration.mutual_information(draws),
+        draws=[d.tolist() for d in draws],
+        choice_logprobs=per_draw,
+        prompt_tokens=prompt_tokens,
+        usage=usage(processed_tokens * len(draws), 0),
+        timing=ScoreTiming(
+            queue_s=round(queue_s, 4), score_s=round(score_s, 4), total_s=round(total_s, 4)
         ),
     )
 

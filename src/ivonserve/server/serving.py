@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -23,6 +24,7 @@ from ivonserve import mbr
 from ivonserve.config import Settings
 from ivonserve.engine import Engine, FanOut, Generated, SamplingOptions
 from ivonserve.errors import InvalidRequest
+from ivonserve.mbr.stopping import StopPolicy, Tracker, unsupported
 from ivonserve.pool import Pool
 from ivonserve.protocol import (
     ChatCompletionRequest,
@@ -55,6 +57,7 @@ class Plan:
     selection: str
     utility: str
     return_candidates: bool
+    early_stop: StopPolicy = dataclass_field(default_factory=StopPolicy)
 
 
 @dataclass(frozen=True)
@@ -212,15 +215,41 @@ class GenerationService(Service):
             extra=req.sampling_extensions(),
         )
         engine.check_length(prompt_ids, sampling.max_tokens)
+        selection = req.selection or s.default_selection
+        utility = req.utility or s.default_utility
         return Plan(
             pool=pool,
             prompt_ids=prompt_ids,
             n_draws=n_draws,
             n_samples=n_samples,
             sampling=sampling,
-            selection=req.selection or s.default_selection,
-            utility=req.utility or s.default_utility,
+            selection=selection,
+            utility=utility,
             return_candidates=req.return_candidates,
+            early_stop=self.early_stop(req, selection, utility),
+        )
+
+    def early_stop(self, req: FanOutOptions, selection: str, utility: str) -> StopPolicy:
+        """The request's rule, else the server's; a rule the selection and utility do not allow
+        is a 422 when the request names it, and ``off`` when it is only the server default."""
+        s = self.settings
+        rule = req.early_stop or s.early_stop
+        if req.early_stop_threshold is not None and rule != "confidence":
+            raise ApiError(
+                422,
+                f"early_stop_threshold: applies to early_stop 'confidence', not {rule!r}",
+                "early_stop_threshold",
+            )
+        why = unsupported(rule, selection, utility)
+        if why is not None:
+            if req.early_stop is not None:
+                raise ApiError(422, f"early_stop: {why}", "early_stop")
+            rule = "off"
+        threshold = req.early_stop_threshold
+        return StopPolicy(
+            rule,
+            threshold if threshold is not None else s.early_stop_threshold,
+            s.early_stop_min_finished,
         )
 
     async def run(
@@ -234,6 +263,15 @@ class GenerationService(Service):
         log.update(model=plan.pool.name, n_models=plan.n_draws, n_samples=plan.n_samples)
 
         def fan_out(engine: Engine) -> Awaitable[FanOut]:
+            stopper = None
+            if plan.early_stop.active and max(1, plan.n_draws) * plan.n_samples > 1:
+                stopper = Tracker(
+                    plan.early_stop,
+                    plan.selection,
+                    plan.n_draws,
+                    plan.n_samples,
+                    plan.sampling.max_tokens,
+                )
             return engine.fan_out(
                 plan.prompt_ids,
                 plan.n_draws,
@@ -241,6 +279,7 @@ class GenerationService(Service):
                 plan.sampling,
                 plan.pool.name,
                 on_draw,
+                stopper,
             )
 
         run = await self.on_engine(ticket, fan_out, "request")
@@ -266,7 +305,17 @@ class GenerationService(Service):
         m.prompt_tokens.labels(name).inc(fan.prompt_tokens)
         m.generated_tokens.labels(name).inc(fan.completion_tokens)
         m.confidence.labels(name).observe(chosen.confidence)
+        if fan.stopped:
+            m.early_stops.labels(name, plan.early_stop.rule).inc()
+            m.stopped_candidates.labels(name).inc(len(fan.stopped))
+            # the budget each stopped decode left unspent (greedy: one decode per draw)
+            greedy = plan.sampling.temperature == 0
+            unspent = [c for c in fan.stopped if not greedy or c.sample == 0]
+            cap = plan.sampling.max_tokens
+            m.saved_tokens.labels(name).inc(sum(max(0, cap - c.tokens) for c in unspent))
         log.update(
+            early_stop=plan.early_stop.rule,
+            n_stopped=len(fan.stopped),
             prompt_tokens=fan.prompt_tokens,
             completion_tokens=fan.completion_tokens,
             confidence=round(chosen.confidence, 4),
