@@ -323,9 +323,7 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
     losses: list[float] = []
     for step in range(start, config.steps):
         indices = batch_indices(len(examples), config.batch_size, config.seed, step)
-        rows = [
-            encode(tokenizer, examples[i], config.max_length, config.mc_form) for i in indices
-        ]
+        rows = [encode(tokenizer, examples[i], config.max_length, config.mc_form) for i in indices]
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * lr_factor(config, step)
         loss = train_step(model, optimizer, collate(rows, pad_id), config, precision)
