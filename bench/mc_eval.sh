@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 split=${1:?usage: bash bench/mc_eval.sh validation|test}
 TASK=${TASK:-arc-easy}
+FORM=${FORM:-text}  # how the model answers (src/ivonserve/choices.py): text or letter
 DATA=${DATA:-../shared/data/mc/$TASK}
 IVON=${IVON:-posteriors/smollm2-135m-$TASK}
 ADAMW=${ADAMW:-posteriors/smollm2-135m-$TASK-adamw}
@@ -40,7 +41,7 @@ measure() {
     kill -0 $server 2>/dev/null || { tail -20 "$log" >&2; exit 1; }
     sleep 2
   done
-  .venv/bin/ivonserve bench mc --url "http://127.0.0.1:$PORT" "${data[@]}" --dataset "$TASK" \
+  .venv/bin/ivonserve bench mc --url "http://127.0.0.1:$PORT" "${data[@]}" --dataset "$TASK" --form "$FORM" \
     --n-models "$ks" --label "$label" --out "$out" --no-progress "${extra[@]}" \
     "${@/#/--model=}"
   kill -TERM $server
