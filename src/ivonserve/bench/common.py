@@ -4,6 +4,7 @@ bootstrap intervals."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,105 @@ async def served_models(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
     response = await client.get("/v1/models")
     response.raise_for_status()
     return {card["id"]: card for card in response.json()["data"]}
+
+
+def http_client(args: Any) -> httpx.AsyncClient:
+    """The benchmark's client of ``args.url``: its timeout per request and its API key."""
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    return httpx.AsyncClient(base_url=args.url, timeout=timeout, headers=headers)
+
+
+@dataclass(frozen=True)
+class ServedArms:
+    """What a scoring benchmark asks of a server: per model one request at K = 0 (the mean) and
+    one at its largest K (every smaller K is a prefix of those draws), and the arms they give."""
+
+    served: dict[str, dict[str, Any]]
+    models: list[str]
+    requests: list[tuple[str, str, int]]  # (label, model, n_models)
+    arms: list[tuple[str, str, int]]  # (label, model, K); an adapter's only K is 0
+
+
+async def plan_arms(client: httpx.AsyncClient, args: Any, ks: list[int]) -> ServedArms:
+    """``args.model`` (default: the server's default) checked against what the server serves
+    and against each pool's size; one line naming the flag otherwise."""
+    await check_server(client, args.url)
+    served = await served_models(client)
+    models = args.model or [next(name for name, card in served.items() if card["default"])]
+    unknown = [m for m in models if m not in served]
+    if unknown:
+        raise IvonserveError(
+            f"--model {unknown[0]!r}: not served by {args.url} (it serves {', '.join(served)})"
+        )
+    requests, arms = [], []
+    for model in models:
+        card = served[model]
+        model_ks = [0] if card["kind"] == "adapter" else ks
+        if max(model_ks) > card["pool_size"]:
+            raise IvonserveError(
+                f"--n-models {max(model_ks)}: {model!r} has a pool of {card['pool_size']}"
+            )
+        requests += [(args.label, model, k) for k in sorted({0, max(model_ks)} & {*model_ks})]
+        arms += [(args.label, model, k) for k in model_ks]
+    return ServedArms(served, models, requests, arms)
+
+
+async def score_into_records(
+    args: Any, questions: list, ks: list[int], key: Callable[[dict], Hashable], score_all: Callable
+) -> tuple[ServedArms, float]:
+    """Plan the arms against the server, then ``score_all(client, requests, questions, done,
+    args, sink)`` every (request, question) not yet in ``args.out``'s records, appending to them.
+    Returns the plan and the seconds spent scoring."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    async with http_client(args) as client:
+        plan = await plan_arms(client, args, ks)
+        done = load_records(out / RECORDS, key)
+        began = time.perf_counter()
+        with (out / RECORDS).open("a") as sink:
+            await score_all(client, plan.requests, questions, done, args, sink)
+    return plan, time.perf_counter() - began
+
+
+def add_server_run(previous: dict, args: Any, plan: ServedArms, seconds: float) -> dict:
+    """results.json's ``servers``: per ``--label`` its URL, the cards of the models it scored
+    and the seconds spent, added to what earlier runs in the folder recorded."""
+    configs = previous.get("servers", {})
+    config = configs.setdefault(args.label or "-", {"url": args.url, "models": {}, "seconds": 0})
+    config["models"].update({m: plan.served[m] for m in plan.models})
+    config["seconds"] = round(config["seconds"] + seconds, 1)
+    return configs
+
+
+DEFAULT_K = "0,1,2,4,8"
+
+
+def add_scoring_arguments(parser: Any, data_help: str, out: str, concurrency: int) -> None:
+    """The flags every scoring benchmark (likelihood, mc) shares."""
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure")
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="only the last N rows: the validation slice `train --holdout N` "
+                        "kept out of training")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="the first N questions only")
+    parser.add_argument("--model", action="append",
+                        help="a served posterior or adapter; repeat to compare several "
+                        "(default: the server's default)")  # fmt: skip
+    parser.add_argument(
+        "--n-models",
+        default=DEFAULT_K,
+        help=f"the K to compare, 0: the mean adapter (default {DEFAULT_K})",
+    )
+    parser.add_argument("--label", default="",
+                        help="names this server's configuration; arms of other labels already "
+                        "in --out are kept and compared")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=concurrency, help="requests in flight")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap resamples")
+    parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
+    parser.add_argument("--out", default=out, help="results folder")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def bootstrap_ci(

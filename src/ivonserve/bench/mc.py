@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,18 @@ import httpx
 import numpy as np
 
 from ivonserve import calibration
-from ivonserve.bench.common import RECORDS, check_server, load_records, served_models
+from ivonserve.bench.common import (
+    RECORDS,
+    ServedArms,
+    add_scoring_arguments,
+    add_server_run,
+    load_records,
+    score_into_records,
+)
 from ivonserve.bench.likelihood import parse_ks
 from ivonserve.choices import FORMS, MCQuestion, load_mc
 from ivonserve.errors import IvonserveError
 
-DEFAULT_K = "0,1,2,4,8"
 METRICS = ("accuracy", "nll", "ece", "brier")
 
 
@@ -270,36 +275,11 @@ def write_plot(out: Path, arms: list[dict]) -> None:
 
 async def run(args: argparse.Namespace) -> dict:
     questions = load_mc(Path(args.data), args.limit, args.holdout)
-    ks = parse_ks(args.n_models)
+    plan, seconds = await score_into_records(
+        args, questions, parse_ks(args.n_models), _key, score_all
+    )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    timeout = httpx.Timeout(args.timeout, connect=10.0)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    async with httpx.AsyncClient(base_url=args.url, timeout=timeout, headers=headers) as client:
-        await check_server(client, args.url)
-        served = await served_models(client)
-        models = args.model or [next(name for name, card in served.items() if card["default"])]
-        unknown = [m for m in models if m not in served]
-        if unknown:
-            raise IvonserveError(
-                f"--model {unknown[0]!r}: not served by {args.url} (it serves {', '.join(served)})"
-            )
-        requests, new_arms = [], []
-        for model in models:
-            card = served[model]
-            model_ks = [0] if card["kind"] == "adapter" else ks
-            if max(model_ks) > card["pool_size"]:
-                raise IvonserveError(
-                    f"--n-models {max(model_ks)}: {model!r} has a pool of {card['pool_size']}"
-                )
-            requests += [(args.label, model, k) for k in sorted({0, max(model_ks)} & {*model_ks})]
-            new_arms += [Arm(args.label, model, k) for k in model_ks]
-        done = load_records(out / RECORDS, _key)
-        began = time.perf_counter()
-        with (out / RECORDS).open("a") as sink:
-            await score_all(client, requests, questions, done, args, sink)
-        seconds = time.perf_counter() - began
-    results = _update_results(out, args, questions, new_arms, served, models, seconds)
+    results = _update_results(out, args, questions, [Arm(*a) for a in plan.arms], plan, seconds)
     write_report(out, results)
     write_plot(out, results["arms"])
     return results
@@ -310,8 +290,7 @@ def _update_results(
     args: argparse.Namespace,
     questions: list[MCQuestion],
     new_arms: list[Arm],
-    served: dict,
-    models: list[str],
+    plan: ServedArms,
     seconds: float,
 ) -> dict:
     """results.json over every arm recorded in this folder (earlier runs' labels included)."""
@@ -331,10 +310,7 @@ def _update_results(
     if args.fit_temperature:
         fitted = fitted_temperatures(Path(args.fit_temperature), arms, args.form)
         arms = [a for a in arms if a.temperature is None] + fitted
-    configs = previous.get("servers", {})
-    config = configs.setdefault(args.label or "-", {"url": args.url, "models": {}, "seconds": 0})
-    config["models"].update({m: served[m] for m in models})
-    config["seconds"] = round(config["seconds"] + seconds, 1)
+    configs = add_server_run(previous, args, plan, seconds)
     records = load_records(out / RECORDS, _key)
     results = {
         "dataset": args.dataset or Path(args.data).parent.name or Path(args.data).stem,
@@ -352,37 +328,15 @@ def _update_results(
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server to measure")
-    parser.add_argument("--data", required=True,
-                        help="multiple-choice jsonl: question, choices, label")  # fmt: skip
+    add_scoring_arguments(parser, "multiple-choice jsonl: question, choices, label",
+                          "bench/results/mc", concurrency=8)  # fmt: skip
     parser.add_argument("--dataset", help="its name in the results (default: the file's folder)")
     parser.add_argument("--form", choices=FORMS, default="letter",
                         help="how the model answers: with the choice's letter, or its text "
                         "(ivonserve.choices; default letter)")  # fmt: skip
-    parser.add_argument("--holdout", type=int, default=0,
-                        help="only the last N rows: the validation slice `train --holdout N` "
-                        "kept out of training")  # fmt: skip
-    parser.add_argument("--limit", type=int, help="the first N questions only")
-    parser.add_argument("--model", action="append",
-                        help="a served posterior or adapter; repeat to compare several "
-                        "(default: the server's default)")  # fmt: skip
-    parser.add_argument(
-        "--n-models",
-        default=DEFAULT_K,
-        help=f"the K to compare, 0: the mean adapter (default {DEFAULT_K})",
-    )
-    parser.add_argument("--label", default="",
-                        help="names this server's configuration; arms of other labels already "
-                        "in --out are kept and compared")  # fmt: skip
     parser.add_argument("--fit-temperature", metavar="DIR",
                         help="a bench mc folder of the validation slice: add each K=0 arm "
                         "temperature-scaled on it")  # fmt: skip
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--seed", type=int, default=0, help="of the bootstrap resamples")
-    parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
-    parser.add_argument("--out", default="bench/results/mc", help="results folder")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def run_cli(args: argparse.Namespace) -> int:
