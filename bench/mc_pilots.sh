@@ -13,6 +13,7 @@
 # at chance with letters, zero-shot and after these pilots: bench/results/mc-pilots/arc-easy-letter)
 # or letter (the authors' form).
 #   bash bench/mc_pilots.sh            # ARC-Easy, text answers, 100 steps, 300 validation questions
+# --batching random: the batch order these runs were made with (length batching came later).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/mc/arc-easy/train.jsonl}
@@ -25,7 +26,8 @@ IVONSERVE=${IVONSERVE:-.venv/bin/ivonserve}
 PYTHON=${PYTHON:-.venv/bin/python}
 
 common="--data $DATA --mc-form $FORM --holdout $HOLDOUT --steps $STEPS --batch-size 8 --lr-schedule linear
-  --weight-decay 0 --eval-draws 4 --threads 1 --checkpoint-every 25 --seed 0 --no-progress"
+  --weight-decay 0 --eval-draws 4 --threads 1 --checkpoint-every 25 --seed 0 --no-progress
+  --batching random"
 ivon="--optimizer ivon --clip-radius 1e-3 --beta2 0.99999 --hess-init 1e-3"
 
 one() {

@@ -8,6 +8,7 @@
 # ARMS picks which of the two to run (default both); a finished run (validation.json) is skipped.
 #   IVON_LR=0.3 IVON_ESS=1e6 ADAMW_LR=1e-3 bash bench/mc_train.sh
 #   ADAMW_LR=2e-4 ARMS=adamw bash bench/mc_train.sh
+# --batching random: the batch order these runs were made with (length batching came later).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TASK=${TASK:-arc-easy}
@@ -20,7 +21,8 @@ ARMS=${ARMS:-ivon adamw}
 [[ $ARMS != *adamw* ]] || : "${ADAMW_LR:?the AdamW lr chosen by the pilots}"
 
 common=(--data "$DATA" --mc-form "$FORM" --holdout 300 --steps "$STEPS" --batch-size 8 --lr-schedule linear
-  --weight-decay 0 --eval-draws 8 --threads 1 --checkpoint-every 50 --seed 0 --no-progress)
+  --weight-decay 0 --eval-draws 8 --threads 1 --checkpoint-every 50 --seed 0 --no-progress
+  --batching random)
 ivon=(--optimizer ivon --lr "${IVON_LR:-}" --ess "${IVON_ESS:-}" --clip-radius 1e-3
   --beta2 0.99999 --hess-init 1e-3)
 adamw=(--optimizer adamw --lr "${ADAMW_LR:-}")

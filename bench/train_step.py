@@ -1,8 +1,11 @@
-"""The cost of one training step, before and after: the model's own loss in float32 (what
-`ivonserve train` did before 2026-12-05) against bf16 autocast and against the output layer
-applied only where a label is (``train.answer_loss``), for IVON and AdamW, on the same batches in
-one process, rounds alternated; seconds per step as medians, ratios against the baseline of the
-same round. Run it with nothing else on the machine and say its load beside the figures.
+"""The cost of one training step, before and after: the model's own loss in float32 on random
+batches (what `ivonserve train` did before 2026-12-05) against bf16 autocast, the output layer
+applied only where a label is (``train.answer_loss``) and batches of similar lengths
+(``--batching length``), for IVON and AdamW, in one process, rounds alternated; seconds per step
+as medians, ratios against the baseline of the same round. The arms on random batches share their
+batches; the length-batched arm runs the same steps of a length-batched epoch (the same number of
+examples, less padding: its tokens per step are printed beside it). Run it with nothing else on
+the machine and say its load beside the figures.
 
     .venv/bin/python bench/train_step.py --data ../shared/data/mc/arc-easy/train.jsonl \
         --out bench/results/train-step/arc-easy
@@ -35,11 +38,12 @@ from ivonserve.train import (
     load_examples,
 )
 
-ARMS = {  # name: (precision, loss)
-    "float32, model loss (before)": ("float32", "model"),
-    "bf16 autocast, model loss": ("bf16", "model"),
-    "float32, answer loss": ("float32", "answer"),
-    "bf16 autocast, answer loss (after)": ("bf16", "answer"),
+ARMS = {  # name: (precision, loss, batching)
+    "float32, model loss (before)": ("float32", "model", "random"),
+    "bf16 autocast, model loss": ("bf16", "model", "random"),
+    "float32, answer loss": ("float32", "answer", "random"),
+    "bf16 autocast, answer loss": ("bf16", "answer", "random"),
+    "bf16 autocast, answer loss, length batches (after)": ("bf16", "answer", "length"),
 }
 
 
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per arm and round")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mc-form", default="text", help="multiple choice: the answer's form")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,24 +79,31 @@ def main() -> None:
     examples = load_examples(Path(args.data), holdout=300)
     seconds: dict[tuple[str, str], list[float]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
-    tokens = 0
+    tokens: dict[str, float] = {}  # padded tokens per timed step, by batching
     for optimizer_name in args.optimizers.split(","):
         config = TrainConfig(data=args.data, out="", optimizer=optimizer_name, ess=1e6,
                              hess_init=1e-3, weight_decay=0)  # fmt: skip
         model, tokenizer = build_model(config, model_dir)
         optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-        batches = [
-            collate([encode(tokenizer, examples[i], 320) for i in batch_indices(
-                len(examples), args.batch_size, 0, s)], tokenizer.pad_token_id)
-            for s in range(args.steps + 1)
-        ]  # fmt: skip
-        tokens = int(sum(b["attention_mask"].sum() for b in batches[1:]))
+        rows = [encode(tokenizer, e, 320, args.mc_form) for e in examples]
+        lengths = [len(row["input_ids"]) for row in rows]
+        batches = {
+            batching: [
+                collate([rows[i] for i in batch_indices(len(rows), args.batch_size, 0, s, by)],
+                        tokenizer.pad_token_id)
+                for s in range(args.steps + 1)
+            ]
+            for batching, by in (("random", None), ("length", lengths))
+        }  # fmt: skip
+        for batching, timed in batches.items():
+            tokens[batching] = sum(b["input_ids"].numel() for b in timed[1:]) / args.steps
         for r in range(args.rounds):
             per_round = {}
-            for name, (precision, loss_kind) in ARMS.items():
-                step(model, optimizer, batches[0], optimizer_name, precision, loss_kind)  # warm
+            for name, (precision, loss_kind, batching) in ARMS.items():
+                warm, *timed = batches[batching]
+                step(model, optimizer, warm, optimizer_name, precision, loss_kind)
                 began = time.perf_counter()
-                for batch in batches[1:]:
+                for batch in timed:
                     step(model, optimizer, batch, optimizer_name, precision, loss_kind)
                 per_round[name] = (time.perf_counter() - began) / args.steps
                 seconds.setdefault((optimizer_name, name), []).append(per_round[name])
@@ -110,14 +122,15 @@ def main() -> None:
         for (o, a), v in seconds.items()
     ]  # fmt: skip
     load = os.getloadavg()
-    summary = {"rows": rows, "threads": args.threads, "tokens_per_step": tokens / args.steps,
+    summary = {"rows": rows, "threads": args.threads, "padded_tokens_per_step": tokens,
                "load_at_end": load, "command": command_line("bench/train_step.py")}  # fmt: skip
     (out / "train_step.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         f"# Training step cost ({args.data})",
         "",
         f"`{command_line('bench/train_step.py')}`; {args.threads} threads, batch "
-        f"{args.batch_size} (~{tokens / args.steps:.0f} tokens a step), medians of "
+        f"{args.batch_size} ({tokens['random']:.0f} padded tokens a step on random batches, "
+        f"{tokens['length']:.0f} on length batches), medians of "
         f"{args.rounds} alternated rounds of {args.steps} steps; load average at the end "
         f"{load[0]:.2f}.",
         "",

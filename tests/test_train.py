@@ -74,6 +74,36 @@ def test_batches_are_a_function_of_seed_and_step():
     assert len(set(epoch)) == 9  # a permutation: no example twice within an epoch
 
 
+def test_length_batches_cover_the_epoch_and_pad_less():
+    lengths = [
+        int(n) for n in torch.randint(10, 300, (400,), generator=torch.Generator().manual_seed(0))
+    ]
+    steps = 400 // 4
+    grouped = [batch_indices(400, 4, 3, s, lengths) for s in range(steps)]
+    assert grouped == [batch_indices(400, 4, 3, s, lengths) for s in range(steps)]
+    assert sorted(i for batch in grouped for i in batch) == list(range(400))  # each once
+    assert grouped != [batch_indices(400, 4, 3, s, lengths) for s in range(steps, 2 * steps)]
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    shuffled = [batch_indices(400, 4, 3, s) for s in range(steps)]
+    assert padded(grouped) < 0.8 * padded(shuffled)
+
+
+def test_a_checkpoint_from_before_length_batching_resumes_as_it_ran(model_dir, data, tmp_path):
+    """A checkpoint without the `batching` setting ran with random batches: it resumes with
+    those, and refuses length batches (they would change its run)."""
+    out = tmp_path / "old"
+    train(_config(data, out, steps=2, batching="random"), model_dir, progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    del state["config"]["batching"]
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(IvonserveError, match=r"checkpoint of a different run.*batching"):
+        train(_config(data, out, steps=4), model_dir, progress=False)
+    train(_config(data, out, steps=4, batching="random"), model_dir, progress=False)
+
+
 def test_resumed_run_equals_uninterrupted_run(model_dir, data, tmp_path):
     straight = train(_config(data, tmp_path / "straight"), model_dir, progress=False)
     train(_config(data, tmp_path / "killed", steps=2), model_dir, progress=False)

@@ -66,6 +66,7 @@ class TrainConfig:
     threads: int | None = None
     eval_draws: int = 8  # IVON, multiple choice with a holdout: draws in the validation BMA
     precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on native bf16
+    batching: Literal["random", "length"] = "length"  # length: batches of similar lengths
 
     @property
     def learning_rate(self) -> float:
@@ -190,12 +191,32 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Examples of step `step`: epochs are seeded permutations, so any step is reproducible."""
+def batch_indices(
+    n_examples: int, batch_size: int, seed: int, step: int, lengths: list[int] | None = None
+) -> list[int]:
+    """Examples of step `step`: epochs are seeded permutations, so any step is reproducible.
+
+    With ``lengths`` (``--batching length``), each run of ``GROUP`` batches of the permutation is
+    sorted by length and cut into batches, whose order is then shuffled (seeded): a batch pads to
+    rows of about its own length instead of a random row's, and is still a pure function of
+    (seed, step), so resuming stays exact."""
     per_epoch = max(1, n_examples // batch_size)
     epoch, position = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n_examples)
-    return order[position * batch_size : (position + 1) * batch_size].tolist()
+    if lengths is None:
+        return order[position * batch_size : (position + 1) * batch_size].tolist()
+    order = order[: per_epoch * batch_size]
+    span = GROUP * batch_size
+    grouped = [
+        sorted(order[i : i + span].tolist(), key=lambda j: -lengths[j])
+        for i in range(0, len(order), span)
+    ]
+    batches = [g[i : i + batch_size] for g in grouped for i in range(0, len(g), batch_size)]
+    shuffled = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return batches[shuffled[position]]
+
+
+GROUP = 16  # --batching length: batches sorted together (more: less padding, less mixing)
 
 
 def build_model(config: TrainConfig, model_dir: Path) -> tuple[Any, Any]:
@@ -321,9 +342,11 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step")
     began = time.perf_counter() - elapsed
     losses: list[float] = []
+    encoded = [encode(tokenizer, e, config.max_length, config.mc_form) for e in examples]
+    lengths = [len(row["input_ids"]) for row in encoded] if config.batching == "length" else None
     for step in range(start, config.steps):
-        indices = batch_indices(len(examples), config.batch_size, config.seed, step)
-        rows = [encode(tokenizer, examples[i], config.max_length, config.mc_form) for i in indices]
+        indices = batch_indices(len(examples), config.batch_size, config.seed, step, lengths)
+        rows = [encoded[i] for i in indices]
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * lr_factor(config, step)
         loss = train_step(model, optimizer, collate(rows, pad_id), config, precision)
@@ -517,6 +540,7 @@ def _resume(out: Path, config: TrainConfig, model: Any, optimizer: Any) -> tuple
     resumable = _RESUMABLE - {"steps"} if config.lr_schedule == "linear" else _RESUMABLE
     # a checkpoint older than a setting ran with that setting's default
     saved = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved |= _BEFORE_THE_SETTING
     saved |= {k: v for k, v in state["config"].items() if k not in resumable}
     current = {k: v for k, v in asdict(config).items() if k not in resumable}
     saved = {k: v for k, v in saved.items() if k in current}
@@ -538,6 +562,9 @@ def _resume(out: Path, config: TrainConfig, model: Any, optimizer: Any) -> tuple
     print(f"resuming from {path} at step {state['step']}")
     return state["step"], state["seconds"]
 
+
+# What a checkpoint older than a setting ran with, where that is not the setting's default.
+_BEFORE_THE_SETTING = {"batching": "random"}
 
 # Flags that may change between a killed run and its resumption without changing the result.
 _RESUMABLE = {"steps", "checkpoint_every", "threads", "out", "eval_draws"}
