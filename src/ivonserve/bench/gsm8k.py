@@ -71,6 +71,7 @@ def request_body(point: GridPoint, question: Question, args: argparse.Namespace)
         "selection": args.selection,
         "utility": args.utility,
         **early_stop_fields(args),
+        **({"return_candidates": True} if getattr(args, "candidates", False) else {}),
     }
 
 
@@ -134,6 +135,14 @@ async def run_point(
             "chosen": [body.get("chosen_model"), body.get("chosen_sample")],
             "text_sha": text_digest(body.get("text")),
         }
+        if getattr(
+            args, "candidates", False
+        ):  # what bench/early_stop_replay.py replays the rules on
+            row["candidates"] = [
+                [c.get("draw", c.get("model")), c["sample"], c["tokens"], c["logprob"],
+                 c["finish_reason"], c["text"]]
+                for c in body.get("candidates", [])
+            ]  # fmt: skip
         sink.write(json.dumps(row) + "\n")
         sink.flush()
         bar.update(1)
@@ -357,6 +366,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--early-stop-threshold",
         type=float,
         help="the requests' early_stop_threshold (confidence; default: the server's)",
+    )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="ask for every candidate and keep [draw, sample, tokens, logprob, finish_reason, "
+        "text] of each in the records (bench/early_stop_replay.py replays stopping rules on them)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--out", default="bench/results/gsm8k", help="results folder")
