@@ -7,6 +7,8 @@
 #
 #   bash bench/mc_eval.sh validation   # the last 300 rows of ARC-Easy train (never trained on)
 #   bash bench/mc_eval.sh test         # ARC-Easy test (2365), temperature fitted on validation
+#   LIMIT=1000 bash bench/mc_eval.sh test   # its first 1000 questions (a later run without LIMIT
+#                                           # scores only the rest)
 #
 # One server per configuration (pruning is a pool setting), float32 (scores equal peft's), pool of
 # 10; each configuration adds its arms under its label to one folder.
@@ -57,11 +59,10 @@ case $split in
     ;;
   test)
     out=$RESULTS/test
-    data=(--data "$DATA/test.jsonl")
-    extra=()
-    measure prune-0.1 "--prune 0.1 --prune-by variance" 0,10 ivon
+    data=(--data "$DATA/test.jsonl" ${LIMIT:+--limit "$LIMIT"})
     extra=(--fit-temperature "$RESULTS/validation")
     measure prune-none "--prune 0" 0,1,2,4,8,10 ivon adamw base
+    measure prune-0.1 "--prune 0.1 --prune-by variance" 0,10 ivon
     ;;
   *)
     echo "usage: bash bench/mc_eval.sh validation|test" >&2
