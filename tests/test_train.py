@@ -115,6 +115,8 @@ def test_resumed_run_equals_uninterrupted_run(model_dir, data, tmp_path):
     log = [json.loads(ln) for ln in (resumed / "training_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
     assert b.training["steps"] == 4
+    progress = json.loads((resumed / "progress.json").read_text())
+    assert (progress["step"], progress["steps"], progress["finished"]) == (4, 4, True)
 
 
 def test_checkpoint_of_another_run_is_refused(model_dir, data, tmp_path):

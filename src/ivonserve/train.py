@@ -29,6 +29,7 @@ from ivonserve.posterior import Posterior, write_adapter
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.jsonl"
 VALIDATION = "validation.json"
+PROGRESS = "progress.json"
 DEFAULT_LR = {"ivon": 0.03, "adamw": 2e-4}
 
 
@@ -527,6 +528,21 @@ def _save(
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out / CHECKPOINT)
+    _write_progress(out, config, step, seconds)
+
+
+def _write_progress(out: Path, config: TrainConfig, step: int, seconds: float) -> None:
+    """How far the run is, for a reader of the folder (a run may span several sessions): the
+    posterior beside it is the one of this step, and the same command resumes from here."""
+    progress = {
+        "step": step,
+        "steps": config.steps,
+        "finished": step >= config.steps,
+        "seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / step, 3) if step else None,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / PROGRESS).write_text(json.dumps(progress, indent=2) + "\n")
 
 
 def _resume(out: Path, config: TrainConfig, model: Any, optimizer: Any) -> tuple[int, float]:
