@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -25,8 +26,10 @@ from ivonserve.train import (
     encode,
     encode_example,
     load_examples,
+    load_qa,
     lr_factor,
     train,
+    validate_answers,
 )
 
 
@@ -250,6 +253,24 @@ def test_multiple_choice_run_scores_its_validation_slice(model_dir, mc_data, tmp
         assert 0 < values["nll"] < 10 and 0 <= values["ece"] <= 1
     if optimizer == "ivon":  # the draws are not the mean, and the RNG of the run is untouched
         assert report["arms"]["bma1"] != report["arms"]["mean"]
+
+
+@pytest.mark.parametrize("optimizer", ["ivon", "adamw"])
+def test_question_answer_run_scores_its_validation_slice(model_dir, data, tmp_path, optimizer):
+    config = _config(data, tmp_path / optimizer, optimizer=optimizer, holdout=3, eval_draws=2)
+    out = train(config, model_dir, progress=False)
+    report = json.loads((out / "validation.json").read_text())
+    arms = {"ivon": {"mean", "bma1", "bma2"}, "adamw": {"adamw"}}[optimizer]
+    assert set(report["arms"]) == arms and report["questions"] == 3
+    # the reference: the model's own loss on those rows is the NLL per answer token
+    model, tokenizer = build_model(config, model_dir)
+    held = load_qa(data)[-3:]
+    rows = [encode_example(tokenizer, q, a, config.max_length) for q, a in held]
+    with torch.no_grad():
+        expected = model(**collate(rows, tokenizer.pad_token_id)).loss.item()
+    adamw = dataclasses.replace(config, optimizer="adamw")
+    fresh = validate_answers(model, tokenizer, None, held, adamw, "float32")
+    assert fresh["arms"]["adamw"]["nll_per_token"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_cli_takes_the_recipes_flags():

@@ -371,6 +371,10 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> Path:
         validation = mc.load_mc(Path(config.data), None, config.holdout)
         report = validate_choices(model, tokenizer, optimizer, validation, config, precision)
         (out / VALIDATION).write_text(json.dumps(report, indent=2) + "\n")
+    elif config.holdout:
+        held = load_qa(Path(config.data))[-config.holdout :]
+        report = validate_answers(model, tokenizer, optimizer, held, config, precision)
+        (out / VALIDATION).write_text(json.dumps(report, indent=2) + "\n")
     return out
 
 
@@ -406,16 +410,27 @@ def choice_logprobs(
 def text_choice_logprobs(
     model: Any, tokenizer: Any, questions: list[mc.MCQuestion], precision: str, batch: int = 32
 ) -> list[list[float]]:
-    """log p(choice text | question) of every choice of every question (the ``text`` form),
-    the output layer applied only at the choices' tokens; batches in order of length."""
-    model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    causal = model.get_base_model()
+    """log p(choice text | question) of every choice of every question (the ``text`` form)."""
     pairs = [(qi, ci) for qi, q in enumerate(questions) for ci in range(len(q.choices))]
     rows = []
     for qi, ci in pairs:
         prompt, target = mc_sequence(tokenizer, questions[qi], ci, "text")
         rows.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+    totals = sequence_logprobs(model, tokenizer, rows, precision, batch)
+    out: list[list[float]] = [[] for _ in questions]
+    for (qi, _), total in zip(pairs, totals, strict=True):
+        out[qi].append(total)
+    return out
+
+
+def sequence_logprobs(
+    model: Any, tokenizer: Any, rows: list[dict], precision: str, batch: int = 32
+) -> list[float]:
+    """Each row's log-likelihood of its labelled tokens (summed), the output layer applied only
+    at those tokens; batches in order of length (less padding), results in the rows' order."""
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    causal = model.get_base_model()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     totals: dict[int, float] = {}
     with torch.no_grad(), forward_context(precision):
@@ -432,10 +447,63 @@ def text_choice_logprobs(
             per_row = torch.zeros(len(chunk), dtype=torch.float64)
             per_row.index_add_(0, keep.nonzero()[:, 0], picked.double())
             totals.update(zip(chunk, per_row.tolist(), strict=True))
-    out: list[list[float]] = [[] for _ in questions]
-    for i, (qi, _) in enumerate(pairs):
-        out[qi].append(totals[i])
-    return out
+    return [totals[i] for i in range(len(rows))]
+
+
+def validate_answers(
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    examples: list[tuple[str, str]],
+    config: TrainConfig,
+    precision: str,
+) -> dict[str, Any]:
+    """NLL of the validation slice's reference answers (question/answer data), per token and per
+    question: of the trained weights (AdamW) or the mean (IVON), and for IVON the posterior
+    predictive of 1, 2, 4 and ``eval_draws`` draws (log of the mean of the draws' likelihoods
+    of each whole answer, as ``bench likelihood`` computes it through the server)."""
+    from ivonserve.predictive import sequence_predictive
+
+    rows = [encode_example(tokenizer, q, a, config.max_length) for q, a in examples]
+    tokens = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
+
+    def loglik() -> list[float]:
+        return sequence_logprobs(model, tokenizer, rows, precision)
+
+    arms = {"mean" if config.optimizer == "ivon" else "adamw": np.array(loglik())}
+    for k, draws in _draws(optimizer, config, loglik).items():
+        arms[f"bma{k}"] = np.array([sequence_predictive(d) for d in zip(*draws, strict=True)])
+    return {
+        "data": config.data,
+        "holdout": config.holdout,
+        "questions": len(rows),
+        "answer_tokens": int(tokens),
+        "arms": {
+            name: {
+                "nll_per_token": float(-ll.sum() / tokens),
+                "nll_per_question": float(-ll.mean()),
+            }
+            for name, ll in arms.items()
+        },
+    }
+
+
+def _draws(optimizer: Any, config: TrainConfig, score: Any) -> dict[int, list]:
+    """IVON: ``score()`` under each of ``eval_draws`` seeded draws of the weights, as nested
+    prefixes by K in 1, 2, 4, eval_draws; the global RNG is left as it was (resuming stays exact).
+    AdamW: none."""
+    if config.optimizer != "ivon" or config.eval_draws <= 0:
+        return {}
+    draws = []
+    state = torch.get_rng_state()
+    torch.manual_seed(config.seed + 1)
+    try:
+        for _ in range(config.eval_draws):
+            with optimizer.sampled_params():
+                draws.append(score())
+    finally:
+        torch.set_rng_state(state)
+    return {k: draws[:k] for k in sorted({1, 2, 4, config.eval_draws}) if k <= config.eval_draws}
 
 
 def validate_choices(
@@ -462,21 +530,10 @@ def validate_choices(
         return choice_logprobs(model, tokenizer, questions, precision)
 
     arms = {"mean" if config.optimizer == "ivon" else "adamw": scored(logprobs())}
-    if config.optimizer == "ivon" and config.eval_draws > 0:
-        draws = []
-        state = torch.get_rng_state()
-        torch.manual_seed(config.seed + 1)
-        try:
-            for _ in range(config.eval_draws):
-                with optimizer.sampled_params():
-                    draws.append(scored(logprobs()))
-        finally:
-            torch.set_rng_state(state)
-        for k in sorted({1, 2, 4, config.eval_draws}):
-            if k <= config.eval_draws:
-                arms[f"bma{k}"] = [
-                    calibration.predictive([d[i] for d in draws[:k]]) for i in range(len(questions))
-                ]
+    for k, draws in _draws(optimizer, config, lambda: scored(logprobs())).items():
+        arms[f"bma{k}"] = [
+            calibration.predictive([d[i] for d in draws]) for i in range(len(questions))
+        ]
     return {
         "data": config.data,
         "holdout": config.holdout,
