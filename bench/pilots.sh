@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# The pilots that choose the multiple-choice training settings on validation (issue 28), every
-# run at one budget with the IVON-LoRA authors' recipe otherwise (linear decay to 0, no warm-up,
-# weight decay 0, batch 8; IVON clip 1e-3, beta2 0.99999, hess_init 1e-3). Each run ends by
-# scoring the validation slice (the last HOLDOUT rows of train, never trained on): validation.json.
+# The pilots that choose the training settings on validation (issues 28 and 29), every run at one
+# budget with the IVON-LoRA authors' recipe otherwise (linear decay to 0, no warm-up, weight decay
+# 0, batch 8; IVON clip 1e-3, beta2 0.99999, hess_init 1e-3). Each run ends by scoring the
+# validation slice (the last HOLDOUT rows of train, never trained on): validation.json (multiple
+# choice: accuracy, NLL, ECE, Brier; question/answer data: NLL per answer token).
 #   phase 1: AdamW lr in {5e-5 (the authors'), 2e-4, 1e-3}; IVON lr in {0.03 (the authors'), 0.1,
 #            0.3, 1.0 (lr x clip = AdamW 1e-3's step)} at ess 1e6
 #   phase 2: IVON at ess 1e7 with phase 1's best lr (by the 4-draw predictive's NLL); FULL_GRID=1
 #            runs ess 1e7 at every lr instead (4 more runs: the cross the issue lists)
 # Resumable: a finished run is skipped, a killed one resumes from its checkpoint. JOBS runs side by
 # side with one thread each (2 cores: 2 x 1 thread beat 1 x 2 by ~9%, measured 2026-12-05).
-# FORM is the answer's form (src/ivonserve/choices.py): text (cloze, the default: SmolLM2-135M is
-# at chance with letters, zero-shot and after these pilots: bench/results/mc-pilots/arc-easy-letter)
-# or letter (the authors' form).
-#   bash bench/mc_pilots.sh            # ARC-Easy, text answers, 100 steps, 300 validation questions
-# --batching random: the batch order these runs were made with (length batching came later).
+#   bash bench/pilots.sh               # ARC-Easy, text answers, 100 steps, 300 validation questions
+#   TASK=gsm8k bash bench/pilots.sh    # GSM8k (issue 29)
+# FORM (multiple choice) is the answer's form (src/ivonserve/choices.py): text (cloze, the
+# default: SmolLM2-135M is at chance with letters, zero-shot and after these pilots:
+# bench/results/mc-pilots/arc-easy-letter) or letter (the authors' form). BATCHING: the ARC-Easy
+# runs were made with random batches (length batching came later) and keep them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-../shared/data/mc/arc-easy/train.jsonl}
+TASK=${TASK:-arc-easy}
 FORM=${FORM:-text}
-OUT=${OUT:-bench/results/mc-pilots/arc-easy-$FORM}
+if [[ $TASK == gsm8k ]]; then
+  DATA=${DATA:-../shared/data/gsm8k/train.jsonl}
+  OUT=${OUT:-bench/results/gsm8k-pilots}
+  BATCHING=${BATCHING:-length}
+else
+  DATA=${DATA:-../shared/data/mc/$TASK/train.jsonl}
+  OUT=${OUT:-bench/results/mc-pilots/$TASK-$FORM}
+  BATCHING=${BATCHING:-random}
+fi
 STEPS=${STEPS:-100}
 HOLDOUT=${HOLDOUT:-300}
 JOBS=${JOBS:-2}
@@ -27,7 +37,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 
 common="--data $DATA --mc-form $FORM --holdout $HOLDOUT --steps $STEPS --batch-size 8 --lr-schedule linear
   --weight-decay 0 --eval-draws 4 --threads 1 --checkpoint-every 25 --seed 0 --no-progress
-  --batching random"
+  --batching $BATCHING"
 ivon="--optimizer ivon --clip-radius 1e-3 --beta2 0.99999 --hess-init 1e-3"
 
 one() {
@@ -57,9 +67,9 @@ run_all \
 if [[ ${FULL_GRID:-0} == 1 ]]; then
   lrs="0.03 0.1 0.3 1.0"
 else
-  lrs=$($PYTHON bench/mc_pilots_table.py "$OUT" --best-ivon-lr)
+  lrs=$($PYTHON bench/pilots_table.py "$OUT" --best-ivon-lr)
 fi
 phase2=()
 for lr in $lrs; do phase2+=("ivon-lr$lr-ess1e7|$ivon --lr $lr --ess 1e7"); done
 run_all "${phase2[@]}"
-$PYTHON bench/mc_pilots_table.py "$OUT"
+$PYTHON bench/pilots_table.py "$OUT"

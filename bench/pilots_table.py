@@ -1,9 +1,10 @@
-"""The pilots' validation figures as one table (bench/mc_pilots.sh calls it): per run, its
-optimizer, lr, ess, final training loss, and accuracy / NLL / ECE / Brier of the trained weights
-(AdamW) or of the IVON mean and its 4-draw predictive, on the validation slice; the winner of
-each optimizer by validation NLL (IVON: of the predictive, which is what the server serves).
+"""The pilots' validation figures as one table (bench/pilots.sh calls it): per run, its
+optimizer, lr, ess, final training loss, and the validation figures of the trained weights
+(AdamW) or of the IVON mean and its predictive of draws: accuracy / NLL / ECE / Brier (multiple
+choice) or NLL per answer token and per question (question/answer data); the winner of each
+optimizer by validation NLL (IVON: of its largest predictive, which is what the server serves).
 
-    .venv/bin/python bench/mc_pilots_table.py bench/results/mc-pilots/arc-easy
+    .venv/bin/python bench/pilots_table.py bench/results/mc-pilots/arc-easy-text
 """
 
 from __future__ import annotations
@@ -36,23 +37,34 @@ def rows(folder: Path) -> list[dict]:
             "questions": validation["questions"],
             "arms": arms,
             "selection_arm": chosen,
-            "selection_nll": arms[chosen]["nll"],
+            "selection_nll": arms[chosen].get("nll", arms[chosen].get("nll_per_token")),
         })  # fmt: skip
     return out
 
 
 def table(runs: list[dict]) -> str:
-    lines = [
-        "| run | steps | loss (last 10) | arm | accuracy | NLL | ECE | Brier |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    mc = all("nll" in v for r in runs for v in r["arms"].values())
+    if mc:
+        lines = [
+            "| run | steps | loss (last 10) | arm | accuracy | NLL | ECE | Brier |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines = [
+            "| run | steps | loss (last 10) | arm | NLL / answer token | NLL / question |",
+            "|---|---|---|---|---|---|",
+        ]
     for r in runs:
         for arm, v in r["arms"].items():
             mark = " **(selection)**" if arm == r["selection_arm"] else ""
-            lines.append(
-                f"| {r['run']} | {r['steps']} | {r['final_loss']:.3f} | {arm}{mark} "
-                f"| {v['accuracy']:.3f} | {v['nll']:.4f} | {v['ece']:.3f} | {v['brier']:.4f} |"
-            )
+            head = f"| {r['run']} | {r['steps']} | {r['final_loss']:.3f} | {arm}{mark} "
+            if mc:
+                lines.append(
+                    head + f"| {v['accuracy']:.3f} | {v['nll']:.4f} | {v['ece']:.3f} "
+                    f"| {v['brier']:.4f} |"
+                )
+            else:
+                lines.append(head + f"| {v['nll_per_token']:.4f} | {v['nll_per_question']:.2f} |")
     best = {}
     for r in runs:
         if r["optimizer"] not in best or r["selection_nll"] < best[r["optimizer"]]["selection_nll"]:
