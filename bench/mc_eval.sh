@@ -51,11 +51,12 @@ measure() {
 }
 
 case $split in
-  validation)
+  validation)  # what the temperature scaling of the K = 0 arms is fitted on (the draws'
+    # validation figures are each training run's own validation.json)
     out=$RESULTS/validation
     data=(--data "$DATA/train.jsonl" --holdout 300)
     extra=()
-    measure prune-none "--prune 0" 0,1,2,4,8,10 ivon adamw base
+    measure prune-none "--prune 0" 0 ivon adamw base
     ;;
   test)
     out=$RESULTS/test
