@@ -87,8 +87,8 @@ def settings_for(args: argparse.Namespace, port: int):
 
 async def in_process(service, body: dict[str, Any]) -> dict[str, Any]:
     """(a): what the /generate route does, without HTTP."""
-    from ivonserve.protocol import GenerateRequest
-    from ivonserve.server.responses import generate_response
+    from ivonserve.server.generate.protocol import GenerateRequest
+    from ivonserve.server.generate.serving import generate_response
 
     began = time.perf_counter()
     plan = service.plan_generate(GenerateRequest(**body))

@@ -34,10 +34,10 @@ declare -A flags=(
   [prune-variance]="--prune 0.1 --prune-by variance"
   [prune-snr]="--prune 0.1 --prune-by snr"
   [prune-random]="--prune 0.1 --prune-by random"
-  [temperature-0.5]="--prune 0 --sampling-temperature 0.5"
-  [temperature-2]="--prune 0 --sampling-temperature 2"
-  [temperature-10]="--prune 0 --sampling-temperature 10"
-  [temperature-100]="--prune 0 --sampling-temperature 100"
+  [temperature-0.5]="--prune 0 --posterior-temperature 0.5"
+  [temperature-2]="--prune 0 --posterior-temperature 2"
+  [temperature-10]="--prune 0 --posterior-temperature 10"
+  [temperature-100]="--prune 0 --posterior-temperature 100"
 )
 ablations=(prune-none prune-variance prune-snr prune-random
   temperature-0.5 temperature-2 temperature-10 temperature-100)

@@ -193,6 +193,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stop_live_servers()  # never leave engine processes behind
 
 
+def fake_pool(name: str = "tiny", size: int = POOL_SIZE) -> Any:
+    """A ``Pool`` without vLLM: its adapters are strings naming them (``tiny/d0``, ...)."""
+    from ivonserve.pool import Pool, PreparedPool
+
+    prepared = PreparedPool(
+        name=name, posterior_dir=Path(name), seed=0, rank=8, target_modules=["q_proj"],
+        mean_dir=Path(name), draw_dirs=[Path(f"{name}-{d}") for d in range(size)],
+    )  # fmt: skip
+    return Pool(prepared=prepared, mean=f"{name}/mean", draws=[f"{name}/d{d}" for d in range(size)])
+
+
 # --- tiny model and posterior -------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -93,7 +93,7 @@ def test_openai_chat_sync_streamed_equals_not_streamed(live):
     chosen = next(
         c
         for c in info["candidates"]
-        if (c["model"], c["sample"]) == (info["chosen_model"], info["chosen_sample"])
+        if (c["draw"], c["sample"]) == (info["chosen_draw"], info["chosen_sample"])
     )
     assert choice.message.content == chosen["text"]
     assert 0 <= info["confidence"] <= 1 and info["seed"] == 5
@@ -194,12 +194,12 @@ def test_generate_progress_stream_sends_each_draw_then_the_result(client):
     assert events[-1] == "[DONE]"
     progress = [e for e in events[:-1] if e["type"] == "candidates"]
     (result,) = [e["result"] for e in events[:-1] if e["type"] == "result"]
-    assert sorted({c["model"] for e in progress for c in e["candidates"]}) == [0, 1, 2]
-    assert all(len({c["model"] for c in e["candidates"]}) == 1 for e in progress)
+    assert sorted({c["draw"] for e in progress for c in e["candidates"]}) == [0, 1, 2]
+    assert all(len({c["draw"] for c in e["candidates"]}) == 1 for e in progress)
     streamed = sorted(
-        (c["model"], c["sample"], c["text"]) for e in progress for c in e["candidates"]
+        (c["draw"], c["sample"], c["text"]) for e in progress for c in e["candidates"]
     )
-    final = sorted((c["model"], c["sample"], c["text"]) for c in result["candidates"])
+    final = sorted((c["draw"], c["sample"], c["text"]) for c in result["candidates"])
     assert streamed == final and len(final) == 6
     assert result["text"] in {c[2] for c in final}
 

@@ -104,7 +104,7 @@ def test_the_engine_gets_its_settings_and_no_http_or_keys():
     config = settings.engine_config()
     assert config.pool_size == 3 and config.max_num_batched_tokens == 512
     assert config.lora_kernel == "vllm"
-    assert config.sampler == SamplerConfig(temperature=1.0, prune=0.2, prune_by="random")
+    assert config.sampler == SamplerConfig(posterior_temperature=1.0, prune=0.2, prune_by="random")
     assert not hasattr(config, "api_keys") and not hasattr(config, "port")
     assert config.posteriors == tuple(settings.posterior_specs())
 
@@ -112,13 +112,43 @@ def test_the_engine_gets_its_settings_and_no_http_or_keys():
 def test_the_draws_defaults_have_one_source():
     """The server's settings, `ivonserve sample` and the sampler agree on every default."""
     defaults, settings = SamplerConfig(), Settings()
-    assert settings.sampling_temperature == defaults.temperature
+    assert settings.posterior_temperature == defaults.posterior_temperature
     assert settings.prune == defaults.prune and settings.prune_by == defaults.prune_by
     args = cli.build_parser().parse_args(["sample", "dir", "--draw", "0", "--out", "x"])
-    assert (args.temperature, args.prune, args.prune_by) == (
-        defaults.temperature, defaults.prune, defaults.prune_by,
+    assert (args.posterior_temperature, args.prune, args.prune_by) == (
+        defaults.posterior_temperature, defaults.prune, defaults.prune_by,
     )  # fmt: skip
     for spelling in PRUNE_BY:
         assert Settings.build(prune_by=spelling).prune_by == spelling
         cli.build_parser().parse_args(["sample", "d", "--draw", "0", "--out", "x",
                                        "--prune-by", spelling])  # fmt: skip
+
+
+def test_the_posterior_temperatures_old_names_still_work_with_a_warning(
+    monkeypatch, tmp_path, caplog, capsys
+):
+    """sampling_temperature (serve) and --temperature (sample) are the posterior temperature's
+    old names: accepted, with a deprecation warning; the new name wins over the old."""
+    caplog.set_level("WARNING", logger="ivonserve.config")
+    parser = add_cli_arguments(argparse.ArgumentParser())
+    old = Settings.from_cli(parser.parse_args(["--sampling-temperature", "0.5"]))
+    assert old.posterior_temperature == 0.5
+    assert "deprecated" in caplog.text and "--posterior-temperature" in caplog.text
+    monkeypatch.setenv("IVONSERVE_SAMPLING_TEMPERATURE", "0.25")
+    assert Settings().posterior_temperature == 0.25
+    monkeypatch.setenv("IVONSERVE_POSTERIOR_TEMPERATURE", "2")
+    assert Settings().posterior_temperature == 2.0  # the new variable outranks the old one
+    monkeypatch.delenv("IVONSERVE_SAMPLING_TEMPERATURE")
+    monkeypatch.delenv("IVONSERVE_POSTERIOR_TEMPERATURE")
+    toml = tmp_path / "settings.toml"
+    toml.write_text("sampling_temperature = 0.75\n")
+    assert Settings.build(config=str(toml)).posterior_temperature == 0.75
+    assert Settings.build(sampling_temperature=3).posterior_temperature == 3.0
+    assert "sampling_temperature" not in Settings.model_fields
+    args = cli.build_parser().parse_args(
+        ["sample", "d", "--draw", "0", "--out", "x", "--temperature", "0.5"]
+    )
+    assert args.posterior_temperature == 0.5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--temperature is deprecated" in err
+    assert "--posterior-temperature" in err

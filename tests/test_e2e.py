@@ -123,7 +123,7 @@ def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_ser
     assert answer.status_code == 200, answer.text
     result = answer.json()
     candidates = result["candidates"]
-    assert [(c["model"], c["sample"]) for c in candidates] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(c["draw"], c["sample"]) for c in candidates] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(c["text"].strip() and 1 <= c["tokens"] <= 32 for c in candidates)
     assert result["text"] in {c["text"] for c in candidates}
     assert 0.0 <= result["confidence"] <= 1.0

@@ -270,9 +270,9 @@ def _tracker(policy: StopPolicy, method: str, n_draws: int, n_samples: int, samp
 
 
 def _chosen(fan, method: str) -> tuple:
-    from ivonserve.server.serving import _select
+    from ivonserve.server.generate.serving import select
 
-    pick = _select(fan, method, "answer")
+    pick = select(fan, method, "answer")
     winner = fan.candidates[pick.index]
     return pick.answer, pick.text, winner.draw, winner.sample
 
@@ -434,8 +434,8 @@ def test_generate_reports_finished_stopped_and_the_tokens_generated(live, client
     assert all(c["score"] is None and c["answer"] is None for c in stopped)
     assert all(c["score"] is not None for c in candidates if c not in stopped)
     assert answer["usage"]["completion_tokens"] == sum(c["tokens"] for c in candidates)
-    chosen = next(c for c in candidates if (c["model"], c["sample"]) == (
-        answer["chosen_model"], answer["chosen_sample"]))  # fmt: skip
+    chosen = next(c for c in candidates if (c["draw"], c["sample"]) == (
+        answer["chosen_draw"], answer["chosen_sample"]))  # fmt: skip
     assert chosen["text"] == answer["text"] and chosen["finish_reason"] != "early_stop"
 
     def moved(name: str, **labels: str) -> float:
@@ -464,10 +464,8 @@ def test_stream_with_early_stop_shows_stopped_candidates_and_ends_with_done(clie
     assert len(progress) == 8  # every draw once, stopped candidates as such
     streamed = [c for c in progress if c["finish_reason"] == "early_stop"]
     assert len(streamed) == result["n_stopped"]
-    assert sorted((c["model"], c["sample"]) for c in streamed) == sorted(
-        (c["model"], c["sample"])
-        for c in result["candidates"]
-        if c["finish_reason"] == "early_stop"
+    assert sorted((c["draw"], c["sample"]) for c in streamed) == sorted(
+        (c["draw"], c["sample"]) for c in result["candidates"] if c["finish_reason"] == "early_stop"
     )
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import POOL_SIZE
 
-from ivonserve.engine import InvalidRequest, SamplingOptions, request_seed_for_draw
+from ivonserve.engine import SamplingOptions, request_seed_for_draw
+from ivonserve.errors import InvalidRequest, UnknownPosterior, api_error
 from ivonserve.posterior import Posterior
 
 pytestmark = pytest.mark.engine
@@ -115,7 +116,7 @@ def test_base_request_in_a_full_batch_keeps_the_base_model(live, engine, hf):
     assert engine.engine_args["max_loras"] == slots  # every slot taken by the batch below
 
     async def mixed():
-        other = engine.pools["tiny-mean"].name
+        other = engine.pools["tiny-mean"]
         return await asyncio.gather(
             engine.fan_out(prompt_ids, POOL_SIZE, 1, GREEDY),
             engine.fan_out(prompt_ids, 0, 1, GREEDY),
@@ -168,19 +169,28 @@ def test_a_timeout_aborts_the_fan_out(live, engine):
     assert live.run(scenario()) == 0
 
 
-def test_invalid_requests_name_the_field(live, engine):
-    cases = [
-        ((PROMPT, POOL_SIZE + 1, 1, GREEDY), "n_models"),
-        ((PROMPT, 1, 0, GREEDY), "n_samples"),
-        ((PROMPT, 1, 1, SamplingOptions(max_tokens=100_000)), "max_tokens"),
-        (([], 1, 1, GREEDY), "prompt"),
-    ]
-    for args, field in cases:
-        with pytest.raises(InvalidRequest) as err:
+def test_the_engine_takes_the_pool_resolved_once_and_guards_its_invariants(live, engine, hf):
+    """A request resolves its pool once (``Engine.pool``: an unknown name is a 404 wherever it is
+    met) and hands the ``Pool`` itself to ``fan_out``; the request's limits are the server's
+    (tests/test_limits.py), so a count past the pool here is a caller's bug, and what vLLM
+    itself refuses (an empty prompt) is the client's ``InvalidRequest``."""
+    with pytest.raises(UnknownPosterior) as err:
+        engine.pool("nope")
+    assert err.value.field == "model" and api_error(err.value).status == 404
+    assert "tiny" in str(err.value) and "tiny-mean" in str(err.value)
+    other = engine.pool("tiny-mean")
+    assert engine.pool() is engine.pools["tiny"] and other is engine.pools["tiny-mean"]
+    prompt_ids = engine.render(PROMPT)
+    named = live.run(engine.fan_out(prompt_ids, 1, 1, GREEDY, other))
+    (only,) = named.candidates
+    assert only.draw == 0  # the given pool's draw 0, not the default pool's
+    assert list(only.token_ids) == hf.greedy(other.draws[0].lora_path, prompt_ids, 16)
+    for args in ((PROMPT, POOL_SIZE + 1, 1, GREEDY), (PROMPT, 1, 0, GREEDY)):
+        with pytest.raises(ValueError):
             live.run(engine.fan_out(*args))
-        assert err.value.field == field
-    with pytest.raises(InvalidRequest):
-        live.run(engine.fan_out(PROMPT, 1, 1, GREEDY, pool="nope"))
+    with pytest.raises(InvalidRequest) as refused:
+        live.run(engine.fan_out([], 1, 1, GREEDY))
+    assert refused.value.field == "prompt" and api_error(refused.value).status == 422
 
 
 def test_ivonserve_sample_writes_exactly_the_servers_draw(engine, tiny_posterior, tiny_settings,
@@ -193,7 +203,7 @@ def test_ivonserve_sample_writes_exactly_the_servers_draw(engine, tiny_posterior
         code = cli.main([
             "sample", str(tiny_posterior), "--draw", str(k),
             "--pool-seed", str(tiny_settings.pool_seed),
-            "--temperature", str(tiny_settings.sampling_temperature),
+            "--posterior-temperature", str(tiny_settings.posterior_temperature),
             "--prune", str(tiny_settings.prune), "--prune-by", tiny_settings.prune_by,
             "--out", str(out),
         ])  # fmt: skip

@@ -76,7 +76,7 @@ def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_m
         assert len(answers) == 2, dict(answers)  # spread over both replicas
         assert all(len(a) >= 2 for a in answers.values())
         first, second = (a[0] for a in answers.values())
-        for key in ("text", "answer", "confidence", "chosen_model", "chosen_sample"):
+        for key in ("text", "answer", "confidence", "chosen_draw", "chosen_model", "chosen_sample"):
             assert first[key] == second[key], key  # the same pool on every replica
         assert [c["text"] for c in first["candidates"]] == [c["text"] for c in second["candidates"]]
 

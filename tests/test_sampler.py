@@ -76,7 +76,7 @@ def test_temperature_scales_spread_as_sqrt(posterior, temperature):
 
 
 def test_temperature_zero_is_the_mean(posterior):
-    sampler = Sampler(posterior, SamplerConfig(temperature=0.0, prune=0.0))
+    sampler = Sampler(posterior, SamplerConfig(posterior_temperature=0.0, prune=0.0))
     for key, value in sampler.draw(3).items():
         assert torch.equal(value, posterior.mean[key])
 
@@ -147,14 +147,14 @@ def test_plain_adapter_draws_are_the_adapter(posterior_dir, tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(posterior_dir / name, adapter / name)
     post = Posterior.from_adapter(adapter)
-    sampler = Sampler(post, SamplerConfig(temperature=1.0, prune=0.1))
+    sampler = Sampler(post, SamplerConfig(posterior_temperature=1.0, prune=0.1))
     assert sampler.mask is None  # no uncertainty to prune by: the adapter stays whole
     for key, value in sampler.draw(draw_seed(0, 3)).items():
         assert torch.equal(value, post.mean[key])
 
 
 def test_bad_sampler_config_is_refused():
-    for bad in ({"temperature": -1}, {"prune": 1.0}, {"prune_by": "size"}):
+    for bad in ({"posterior_temperature": -1}, {"prune": 1.0}, {"prune_by": "size"}):
         with pytest.raises(IvonserveError):
             SamplerConfig(**bad)
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import POOL_SIZE
 
 from ivonserve import cli, mbr
-from ivonserve.server import ApiError, GenerationService
+from ivonserve.errors import RequestTimeout, api_error
+from ivonserve.server import GenerationService
 from ivonserve.server.limits import Admission
 from ivonserve.server.metrics import Metrics
 
@@ -71,15 +72,18 @@ def test_greedy_text_equals_peft_for_every_draw_and_the_mean(client, engine, hf)
     mean = post(client, {**body, "n_models": 0})
     pool = engine.pools["tiny"]
     prompt_ids = hf.prompt_ids(PROMPT)
-    assert [c["model"] for c in draws["candidates"]] == list(range(POOL_SIZE))
+    assert [c["draw"] for c in draws["candidates"]] == list(range(POOL_SIZE))
     for cand in draws["candidates"]:
-        expected = hf.greedy(pool.draws[cand["model"]].lora_path, prompt_ids, 16)
-        assert cand["text"] == hf.decode(expected), f"draw {cand['model']}"
+        expected = hf.greedy(pool.draws[cand["draw"]].lora_path, prompt_ids, 16)
+        assert cand["text"] == hf.decode(expected), f"draw {cand['draw']}"
         assert cand["tokens"] == 16
     (only,) = mean["candidates"]
-    assert only["model"] is None
+    assert only["draw"] is None
     assert only["text"] == hf.decode(hf.greedy(pool.mean.lora_path, prompt_ids, 16))
-    assert mean["text"] == only["text"] and mean["chosen_model"] is None
+    assert mean["text"] == only["text"] and mean["chosen_draw"] is None
+    # the old names stay, as aliases with the same values (issue 31)
+    assert all(c["model"] == c["draw"] for c in [*draws["candidates"], only])
+    assert draws["chosen_model"] == draws["chosen_draw"] and mean["chosen_model"] is None
 
 
 def test_fan_out_over_http(client):
@@ -94,13 +98,13 @@ def test_fan_out_over_http(client):
     }
     first = post(client, body)
     cands = first["candidates"]
-    assert [(c["model"], c["sample"]) for c in cands] == [
+    assert [(c["draw"], c["sample"]) for c in cands] == [
         (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
     ]  # fmt: skip
     assert len({c["text"] for c in cands}) >= 4  # different draws, different candidates
     assert first["text"] in {c["text"] for c in cands}
-    pick = (first["chosen_model"], first["chosen_sample"])
-    chosen = [c for c in cands if (c["model"], c["sample"]) == pick]
+    pick = (first["chosen_draw"], first["chosen_sample"])
+    chosen = [c for c in cands if (c["draw"], c["sample"]) == pick]
     assert chosen and chosen[0]["text"] == first["text"]
     eligible = [c for c in cands if c["answer"] is not None] or cands  # answers first
     assert chosen[0]["score"] == max(c["score"] for c in eligible)
@@ -117,7 +121,7 @@ def test_fan_out_over_http(client):
     assert 0 <= timing["generate_s"] <= timing["total_s"] and timing["select_s"] >= 0
     # the same seed gives the same response
     again = post(client, body)
-    for key in ("text", "answer", "confidence", "chosen_model", "chosen_sample", "usage"):
+    for key in ("text", "answer", "confidence", "chosen_draw", "chosen_sample", "usage"):
         assert again[key] == first[key]
     assert again["candidates"] == first["candidates"]
     assert again["id"] != first["id"]
@@ -155,7 +159,7 @@ def assert_selected_by(answer: dict, method: str, utility: str) -> None:
     chosen = mbr.select(
         [
             mbr.Candidate(
-                draw=c["model"] or 0, text=c["text"], logprob=c["logprob"], tokens=c["tokens"]
+                draw=c["draw"] or 0, text=c["text"], logprob=c["logprob"], tokens=c["tokens"]
             )
             for c in candidates
         ],
@@ -165,7 +169,7 @@ def assert_selected_by(answer: dict, method: str, utility: str) -> None:
     assert [c["score"] for c in candidates] == pytest.approx(chosen.scores, abs=1e-9)
     assert answer["confidence"] == pytest.approx(chosen.confidence, abs=1e-9)
     winner = candidates[chosen.index]
-    assert (answer["chosen_model"], answer["chosen_sample"]) == (winner["model"], winner["sample"])
+    assert (answer["chosen_draw"], answer["chosen_sample"]) == (winner["draw"], winner["sample"])
     assert answer["text"] == chosen.text and answer["answer"] == chosen.answer
 
 
@@ -297,7 +301,7 @@ def test_request_timeout_is_504_and_aborts(live, engine, tiny_settings):
     state = live.app.state.engine_state
     settings = tiny_settings.model_copy(update={"request_timeout_s": 0.5})
     service = GenerationService(settings, state.require, Admission(1, 0), Metrics())
-    from ivonserve.protocol import GenerateRequest
+    from ivonserve.server.generate.protocol import GenerateRequest
 
     request = GenerateRequest(
         prompt=PROMPT, n_models=2, n_samples=8, max_tokens=450, temperature=1.0, ignore_eos=True
@@ -306,9 +310,9 @@ def test_request_timeout_is_504_and_aborts(live, engine, tiny_settings):
     async def run() -> None:
         await service.run(service.plan_generate(request), service.admit(), {})
 
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(RequestTimeout) as err:
         live.run(run())
-    assert err.value.status == 504
+    assert api_error(err.value).status == 504
     time.sleep(0.1)
     assert engine.num_unfinished_requests() == 0
     assert service.admission.in_flight == 0  # the slot came back

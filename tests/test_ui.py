@@ -192,13 +192,13 @@ def test_consensus_streams_into_the_grid(browser, serve_with, tmp_path):
     assert (result["n_models"], result["n_samples"], result["seed"]) == (2, 3, 11)
     grid = cells(browser)
     assert len(grid) == 2 * 3
-    assert {(c.get_attribute("data-model"), c.get_attribute("data-sample")) for c in grid} == {
+    assert {(c.get_attribute("data-draw"), c.get_attribute("data-sample")) for c in grid} == {
         (str(m), str(s)) for m in range(2) for s in range(3)
     }
     assert all(c.get_attribute("data-state") == "done" for c in grid)
     chosen = browser.find_elements("css selector", "#grid .cell.chosen")
     assert len(chosen) == 1
-    assert chosen[0].get_attribute("data-model") == str(result["chosen_model"])
+    assert chosen[0].get_attribute("data-draw") == str(result["chosen_draw"])
     assert chosen[0].get_attribute("data-sample") == str(result["chosen_sample"])
 
     # the page's result is the API's: the same request without the page, same seed
@@ -217,8 +217,8 @@ def test_consensus_streams_into_the_grid(browser, serve_with, tmp_path):
     direct = httpx.post(
         f"{srv.url}/generate", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=300
     ).json()
-    assert (direct["chosen_model"], direct["chosen_sample"], direct["text"]) == (
-        result["chosen_model"],
+    assert (direct["chosen_draw"], direct["chosen_sample"], direct["text"]) == (
+        result["chosen_draw"],
         result["chosen_sample"],
         result["text"],
     )
@@ -230,10 +230,10 @@ def test_consensus_streams_into_the_grid(browser, serve_with, tmp_path):
     votes = [r.find_element("css selector", ".num").get_attribute("textContent") for r in shares]
     assert sum(int(v.split("/")[0]) for v in votes) == 6
     assert len(browser.find_elements("css selector", "#draw-shares .draw-row")) == 2
-    by_cell = {(c.get_attribute("data-model"), c.get_attribute("data-sample")): c for c in grid}
+    by_cell = {(c.get_attribute("data-draw"), c.get_attribute("data-sample")): c for c in grid}
     letters = {}
     for candidate in result["candidates"]:
-        cell = by_cell[(str(candidate["model"]), str(candidate["sample"]))]
+        cell = by_cell[(str(candidate["draw"]), str(candidate["sample"]))]
         letters.setdefault(cluster_key(candidate), set()).add(cell.get_attribute("data-cluster"))
     assert all(len(found) == 1 for found in letters.values())  # one letter per cluster
     assert len({next(iter(found)) for found in letters.values()}) == len(keys)
@@ -245,7 +245,7 @@ def test_consensus_streams_into_the_grid(browser, serve_with, tmp_path):
     assert str(result["usage"]["total_tokens"]) in text_of(browser, "#timing")
     # a cell opens its full text
     target = result["candidates"][-1]
-    by_cell[(str(target["model"]), str(target["sample"]))].click()
+    by_cell[(str(target["draw"]), str(target["sample"]))].click()
     assert browser.find_element("id", "cell-detail").is_displayed()
     assert text_of(browser, "#detail-text") == target["text"]
 
@@ -300,7 +300,7 @@ def test_a_link_fills_the_form_and_runs(browser, live):
     assert (result["n_models"], result["n_samples"], result["seed"]) == (2, 2, 7)
     assert len(cells(browser)) == 4
     chosen = browser.find_element("css selector", "#grid .cell.chosen")
-    assert chosen.get_attribute("data-model") == str(result["chosen_model"])
+    assert chosen.get_attribute("data-draw") == str(result["chosen_draw"])
     assert chosen.get_attribute("data-sample") == str(result["chosen_sample"])
 
 
@@ -310,9 +310,10 @@ def test_stopped_candidates_are_shown_as_such(browser, live):
     ``finish_reason: "early_stop"``) is greyed, labelled and left out of the vote shares."""
     open_page(browser, f"{live.url}/ui/")
 
-    def candidate(model: int, sample: int, answer: str | None, **extra: Any) -> dict[str, Any]:
+    def candidate(draw: int, sample: int, answer: str | None, **extra: Any) -> dict[str, Any]:
         return {
-            "model": model,
+            "draw": draw,
+            "model": draw,
             "sample": sample,
             "text": f"The answer is {answer}",
             "answer": answer,
@@ -331,6 +332,7 @@ def test_stopped_candidates_are_shown_as_such(browser, live):
     result = {
         "answer": "7",
         "confidence": 1.0,
+        "chosen_draw": 0,
         "chosen_model": 0,
         "chosen_sample": 0,
         "n_models": 2,
@@ -357,7 +359,7 @@ def test_stopped_candidates_are_shown_as_such(browser, live):
         result,
     )
     states = {
-        (c.get_attribute("data-model"), c.get_attribute("data-sample")): c.get_attribute(
+        (c.get_attribute("data-draw"), c.get_attribute("data-sample")): c.get_attribute(
             "data-state"
         )
         for c in cells(browser)

@@ -21,7 +21,7 @@ from ivonserve.engine import (
     RESERVED_CPU_ENV,
     SamplingOptions,
 )
-from ivonserve.server import serving
+from ivonserve.server.generate import stream
 
 pytestmark = pytest.mark.engine
 
@@ -142,7 +142,7 @@ def test_vllms_serving_benchmark_client_gets_every_request_answered(
     # keep-alives between every step of the wait, as on a request of more than 10 s: the
     # client strips each network read, so an SSE comment glued onto the text after it and
     # the text was lost (/v1/completions: every request failed)
-    monkeypatch.setattr(serving, "KEEPALIVE_S", 0.005)
+    monkeypatch.setattr(stream, "KEEPALIVE_S", 0.005)
     result = _vllm_bench(live, tiny_model, tmp_path, backend, endpoint)
     assert result["completed"] == 8 and result.get("failed", 0) == 0, result
     assert result["total_output_tokens"] > 0 and result["mean_ttft_ms"] > 0

@@ -12,7 +12,7 @@ import pytest
 
 import ivonserve.vllm_plugin as plugin
 from ivonserve.config import Settings, repo_root
-from ivonserve.engine import Engine, default_cpu_dtype
+from ivonserve.engine import build_engine_args, default_cpu_dtype
 from ivonserve.pool import PreparedPool
 from ivonserve.vllm_plugin import seeds
 
@@ -87,9 +87,8 @@ def _pool(name: str, draws: int) -> PreparedPool:
 
 @pytest.mark.parametrize(("kernel", "spare"), [("grouped", 0), ("vllm", 1)])
 def test_lora_slots_are_every_draw_and_mean_plus_a_spare_only_for_vllms_ops(kernel, spare):
-    engine = Engine(Settings(lora_kernel=kernel, dtype="float32").engine_config())
-    engine.model_dir = Path("model")
-    args = engine.build_engine_args([_pool("a", 8), _pool("b", 4)])
+    config = Settings(lora_kernel=kernel, dtype="float32").engine_config()
+    args = build_engine_args(config, Path("model"), [_pool("a", 8), _pool("b", 4)], cpu=True)
     assert args["max_loras"] == args["max_cpu_loras"] == (8 + 1) + (4 + 1) + spare
     assert args["lora_target_modules"] == ["q_proj", "v_proj"] and args["max_lora_rank"] == 8
 

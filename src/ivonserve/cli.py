@@ -13,6 +13,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from ivonserve.errors import IvonserveError
 
@@ -195,17 +196,25 @@ def _add_sample(commands) -> None:
         commands,
         "sample",
         _run_sample,
-        "write draw K of a posterior's pool as a PEFT adapter: the bytes a server with the same "
-        "--pool-seed, temperature and pruning serves as its draw K",
+        "write draw d of a posterior's pool as a PEFT adapter: the bytes a server with the same "
+        "--pool-seed, posterior temperature and pruning serves as its draw d",
     )
     sub.add_argument("dir", type=Path, help="posterior folder")
-    sub.add_argument("--draw", type=int, required=True, help="K: the draw's index in the pool")
+    sub.add_argument("--draw", type=int, required=True, help="d: the draw's index in the pool")
     sub.add_argument("--pool-seed", type=int, default=0, help="the pool's seed (default: 0)")
     sub.add_argument(
-        "--temperature",
+        "--posterior-temperature",
         type=float,
-        default=defaults.temperature,
-        help=f"variance scale; 0: the mean (default: {defaults.temperature})",
+        default=defaults.posterior_temperature,
+        help="posterior temperature T: the draws' variance is T*sigma^2; 0: the mean "
+        f"(default: {defaults.posterior_temperature})",
+    )
+    sub.add_argument(  # its old name, not the decoding temperature
+        "--temperature",
+        dest="posterior_temperature",
+        type=float,
+        action=_DeprecatedFlag,
+        help=argparse.SUPPRESS,
     )
     sub.add_argument(
         "--prune",
@@ -223,10 +232,19 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     if args.draw < 0:
         raise IvonserveError(f"--draw: a pool index is >= 0, got {args.draw}")
-    config = SamplerConfig(args.temperature, args.prune, args.prune_by)
+    config = SamplerConfig(args.posterior_temperature, args.prune, args.prune_by)
     sampler = Sampler(Posterior.load(args.dir), config)
     print(sampler.write_draw(args.draw, args.pool_seed, args.out))
     return 0
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag, still accepted: stores its new one, with one deprecation line on stderr."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"ivonserve: warning: {option} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _add_bench(commands) -> None:

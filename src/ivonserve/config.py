@@ -4,6 +4,10 @@
 one ``ivonserve serve`` flag (``--pool-size`` for ``pool_size``) whose help text is the field's
 description, and one environment variable (``IVONSERVE_POOL_SIZE``). A flag given on the command
 line overrides the environment; a flag left out keeps the environment's (or the default) value.
+
+A renamed setting (``RENAMED``: ``sampling_temperature`` is now ``posterior_temperature``) is
+still accepted under its old name, as a flag, a variable or a config-file key, with a
+deprecation warning in the log.
 """
 
 from __future__ import annotations
@@ -11,28 +15,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
-import re
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from ivonserve.errors import IvonserveError
+from ivonserve.pool import PosteriorSpec
 from ivonserve.sampler import PruneBy, SamplerConfig
 
 if typing.TYPE_CHECKING:
-    from ivonserve.engine import EngineConfig
+    from ivonserve.engine.args import EngineConfig
 
+__all__ = ["RENAMED", "PosteriorSpec", "Settings", "add_cli_arguments", "repo_root"]
+
+logger = logging.getLogger("ivonserve.config")
 DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k"
 ENV_PREFIX = "IVONSERVE_"
 _NONE_WORDS = {"none", "null", ""}
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # also a folder name
+# old name -> new name; the old one still works as a flag, variable or file key, with a warning
+RENAMED = {"sampling_temperature": "posterior_temperature"}
 SECRET_FIELDS = frozenset({"api_keys"})
 _SAMPLER = SamplerConfig()  # the defaults of the draws: one source for settings, CLI and engine
 
@@ -91,8 +105,8 @@ class Settings(BaseSettings):
     # --- the pool of draws --------------------------------------------------------------------
     pool_size: int = Field(8, ge=1, le=256, description="K: posterior draws loaded as LoRA slots")
     pool_seed: int = Field(0, ge=0, description="seed of the pool (same seed: same draws anywhere)")
-    sampling_temperature: float = Field(
-        _SAMPLER.temperature,
+    posterior_temperature: float = Field(
+        _SAMPLER.posterior_temperature,
         ge=0,
         description="posterior temperature T: draws use variance T*sigma^2 (0: the mean)",
     )
@@ -238,6 +252,27 @@ class Settings(BaseSettings):
         None, description="vLLM distributed executor backend (vLLM's choice by default)"
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' sources, with the renamed settings' old variables below the
+        new ones."""
+        renamed = _RenamedEnvironment(settings_cls)
+        return init_settings, env_settings, renamed, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        """A renamed setting given to ``Settings(...)`` by its old name: its new name, and a
+        deprecation warning (``build`` renames before the sources are merged)."""
+        return _new_names(values) if isinstance(values, dict) else values
+
     @field_validator("posterior", "adapter", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -293,12 +328,12 @@ class Settings(BaseSettings):
 
     def engine_config(self) -> EngineConfig:
         """What the engine needs: the model, the pools and vLLM's arguments (no HTTP, no keys)."""
-        from ivonserve.engine import EngineConfig
+        from ivonserve.engine.args import EngineConfig
 
         passed = {f.name for f in dataclasses.fields(EngineConfig)} & set(type(self).model_fields)
         return EngineConfig(
             posteriors=tuple(self.posterior_specs()),
-            sampler=SamplerConfig(self.sampling_temperature, self.prune, self.prune_by),
+            sampler=SamplerConfig(self.posterior_temperature, self.prune, self.prune_by),
             **{name: getattr(self, name) for name in passed},
         )
 
@@ -331,16 +366,13 @@ class Settings(BaseSettings):
     def build(cls, **values: Any) -> Settings:
         """``Settings(...)`` over the config file (if any), but a bad value is a one-line
         IvonserveError naming the setting. Precedence: values > environment > file > defaults."""
+        values = _new_names(values)
         path = values.get("config") or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
         if path:
-            from_file = _read_config_file(Path(path))
+            from_file = _new_names(_read_config_file(Path(path)))
             # the environment outranks the file: keep only what no variable sets
             values = {
-                **{
-                    k: v
-                    for k, v in from_file.items()
-                    if f"{ENV_PREFIX}{k.upper()}" not in os.environ
-                },
+                **{k: v for k, v in from_file.items() if not _in_environment(k)},
                 **values,
             }
         try:
@@ -367,30 +399,6 @@ class Settings(BaseSettings):
         return str(value)
 
 
-@dataclass(frozen=True)
-class PosteriorSpec:
-    """One served posterior: its name (the request's `model`), folder, and kind."""
-
-    name: str
-    path: Path
-    kind: Literal["posterior", "adapter"] = "posterior"
-
-    @classmethod
-    def parse(cls, text: str, kind: Literal["posterior", "adapter"] = "posterior") -> PosteriorSpec:
-        """``NAME=DIR`` or ``DIR`` (named after the folder)."""
-        name, sep, folder = text.partition("=")
-        if not sep:
-            name, folder = "", text
-        path = Path(folder.strip()).expanduser()
-        name = name.strip() or path.resolve().name
-        if not folder.strip() or not _NAME.fullmatch(name):
-            raise IvonserveError(
-                f"setting {kind}: {text!r} is not [NAME=]DIR with NAME made of letters, digits, "
-                "'.', '_', '-' (at most 64, not starting with '.')"
-            )
-        return cls(name=name, path=path, kind=kind)
-
-
 def _read_config_file(path: Path) -> dict[str, Any]:
     """Settings from a TOML or JSON file; an unknown key is an error naming the file."""
     try:
@@ -405,10 +413,56 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(values, dict):
         raise IvonserveError(f"{path}: the config file must hold a table of settings")
-    unknown = sorted(set(values) - set(Settings.model_fields) | ({"config"} & set(values)))
+    known = set(Settings.model_fields) | set(RENAMED)
+    unknown = sorted(set(values) - known | ({"config"} & set(values)))
     if unknown:
         raise IvonserveError(f"{path}: unknown setting {unknown[0]!r} in the config file")
     return values
+
+
+def _deprecated(old: str, new: str) -> None:
+    logger.warning(
+        "setting %s (--%s / %s%s) is deprecated: it is now %s (--%s / %s%s)",
+        old, old.replace("_", "-"), ENV_PREFIX, old.upper(),
+        new, new.replace("_", "-"), ENV_PREFIX, new.upper(),
+    )  # fmt: skip
+
+
+def _new_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each renamed setting under its new name (the new name wins when both
+    are given), and a deprecation warning for each old name."""
+    if not RENAMED.keys() & values.keys():
+        return values
+    values = dict(values)
+    for old, new in RENAMED.items():
+        if old in values:
+            _deprecated(old, new)
+            value = values.pop(old)
+            values.setdefault(new, value)
+    return values
+
+
+def _in_environment(name: str) -> bool:
+    """A setting's variable is set (a renamed setting's old variable counts)."""
+    names = [name, *(old for old, new in RENAMED.items() if new == name)]
+    return any(f"{ENV_PREFIX}{n.upper()}" in os.environ for n in names)
+
+
+class _RenamedEnvironment(PydanticBaseSettingsSource):
+    """The old variable of a renamed setting (``IVONSERVE_SAMPLING_TEMPERATURE``), under its
+    new name, with a deprecation warning."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {}
+        for old, new in RENAMED.items():
+            value = os.environ.get(f"{ENV_PREFIX}{old.upper()}")
+            if value is not None:
+                _deprecated(old, new)
+                found[new] = value
+        return found
 
 
 def _from_flag(value: Any) -> Any:
@@ -462,4 +516,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         group.add_argument(
             flag, dest=name, default=None, metavar=metavar, choices=choices, help=help_text
         )
+    for old, new in RENAMED.items():  # accepted, not shown
+        group.add_argument(
+            "--" + old.replace("_", "-"), dest=new, action=_RenamedFlag, help=argparse.SUPPRESS
+        )
     return parser
+
+
+class _RenamedFlag(argparse.Action):
+    """The old flag of a renamed setting: stores the new one, with a deprecation warning."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        old = str(option).lstrip("-").replace("-", "_")
+        _deprecated(old, self.dest)
+        setattr(namespace, self.dest, values)

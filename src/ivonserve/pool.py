@@ -1,5 +1,8 @@
 """A posterior's pool: its mean and K draws written as PEFT folders, then registered with vLLM.
 
+``PosteriorSpec`` names one posterior to serve (``--posterior NAME=DIR``); the settings parse
+it, the engine makes its pool from it.
+
 Each adapter gets a unique name AND a unique int id: vLLM keys its prefix cache on the name, and
 reusing a name with a new id would reuse the old adapter's KV cache. The folders go to tmpfs
 (/dev/shm where the machine has it): vLLM registers LoRA adapters from disk only.
@@ -9,22 +12,47 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from ivonserve.errors import EngineError, InvalidRequest
+from ivonserve.errors import EngineError, IvonserveError
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
-    from ivonserve.config import PosteriorSpec
     from ivonserve.sampler import SamplerConfig
 
 # vLLM accepts only these max_lora_rank values; the posterior's rank is rounded up to one.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # also a folder name
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """One served posterior: its name (the request's `model`), folder, and kind."""
+
+    name: str
+    path: Path
+    kind: Literal["posterior", "adapter"] = "posterior"
+
+    @classmethod
+    def parse(cls, text: str, kind: Literal["posterior", "adapter"] = "posterior") -> PosteriorSpec:
+        """``NAME=DIR`` or ``DIR`` (named after the folder)."""
+        name, sep, folder = text.partition("=")
+        if not sep:
+            name, folder = "", text
+        path = Path(folder.strip()).expanduser()
+        name = name.strip() or path.resolve().name
+        if not folder.strip() or not _NAME.fullmatch(name):
+            raise IvonserveError(
+                f"setting {kind}: {text!r} is not [NAME=]DIR with NAME made of letters, digits, "
+                "'.', '_', '-' (at most 64, not starting with '.')"
+            )
+        return cls(name=name, path=path, kind=kind)
 
 
 @dataclass
@@ -66,11 +94,12 @@ class Pool:
         return [self.mean, *self.draws]
 
     def adapters(self, n_draws: int) -> list[tuple[int | None, LoRARequest]]:
-        """(draw index, adapter) for draws 0..n_draws-1; n_draws = 0: [(None, the mean)]."""
+        """(draw index, adapter) for draws 0..n_draws-1; n_draws = 0: [(None, the mean)].
+
+        The request's limit (n_models <= K) is the server's, checked once (``server.limits``);
+        a count past the pool here is the caller's bug, not the client's."""
         if not 0 <= n_draws <= self.size:
-            raise InvalidRequest(
-                "n_models", f"n_models must be between 0 and the pool size {self.size}"
-            )
+            raise ValueError(f"n_draws {n_draws} is outside 0..{self.size} (the pool size)")
         if n_draws == 0:
             return [(None, self.mean)]
         return list(enumerate(self.draws[:n_draws]))
@@ -104,7 +133,7 @@ def prepare_pool(
             "kind": spec.kind,
             "ess": posterior.ess,
             "base_model": posterior.base_model,
-            "temperature": sampler_config.temperature,
+            "posterior_temperature": sampler_config.posterior_temperature,
             "prune": sampler_config.prune,
             "prune_by": sampler_config.prune_by,
         },
@@ -137,7 +166,7 @@ async def register_pool(llm: Any, prepared: PreparedPool, lora_ids: Iterator[int
         return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(path))
 
     mean = lora("mean", prepared.mean_dir)
-    draws = [lora(f"draw{k}", d) for k, d in enumerate(prepared.draw_dirs)]
+    draws = [lora(f"draw{d}", path) for d, path in enumerate(prepared.draw_dirs)]
     for request in (mean, *draws):
         if not await llm.add_lora(request):
             raise EngineError(f"vLLM refused adapter {request.lora_name}")

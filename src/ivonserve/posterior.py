@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ivonserve.errors import IvonserveError
+from ivonserve.errors import IvonserveError, PosteriorError
 
 FORMAT = "ivon-lora-posterior"
 VERSION = 1
@@ -29,10 +29,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HESSIAN = "hessian.safetensors"
 METADATA = "posterior.json"
-
-
-class PosteriorError(IvonserveError):
-    """A posterior folder that cannot be used; the message names the file (and key)."""
 
 
 @dataclass

@@ -1,19 +1,19 @@
 """The posterior predictive of a continuation from its draws' log-likelihoods (pure numpy).
 
-With K draws theta_1..theta_K of the posterior and log p_k(y | x) the teacher-forced
-log-likelihood of continuation y under draw k:
+With n draws theta_0..theta_{n-1} of the posterior (a request's n_models) and log p_d(y | x) the
+teacher-forced log-likelihood of continuation y under draw d:
 
 * sequence predictive (Bayesian model averaging of the whole continuation):
-  log p(y | x) = logsumexp_k log p_k(y | x) - log K
+  log p(y | x) = logsumexp_d log p_d(y | x) - log n
 * token predictive (what a next-token scorer such as lm-eval sees): at each position t,
-  log p(y_t | x, y_<t) = logsumexp_k log p_k(y_t | x, y_<t) - log K
-* disagreement: log p(y | x) - (1/K) sum_k log p_k(y | x) >= 0 (nats), the Jensen gap between
+  log p(y_t | x, y_<t) = logsumexp_d log p_d(y_t | x, y_<t) - log n
+* disagreement: log p(y | x) - (1/n) sum_d log p_d(y | x) >= 0 (nats), the Jensen gap between
   averaging the draws' probabilities and averaging their log-probabilities. It is 0 exactly
   when every draw gives y the same likelihood, grows with their spread, is in the units of the
   log-likelihood it corrects, and is the whole of what the predictive gains over a typical
   single draw on this y: the epistemic part of the score.
 
-K = 1 (or the mean adapter alone) gives the draw's own log-likelihood and disagreement 0.
+n = 1 (or the mean adapter alone) gives the draw's own log-likelihood and disagreement 0.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from ray import serve
 
 from ivonserve.config import Settings
 from ivonserve.engine import Engine
+from ivonserve.errors import ApiError
 from ivonserve.server.app import create_app
-from ivonserve.server.errors import ApiError
 from ivonserve.server.lifecycle import start_draining
 
 logger = logging.getLogger("ivonserve.ray")

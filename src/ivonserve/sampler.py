@@ -1,4 +1,4 @@
-"""Draws LoRA adapters from a posterior: theta_k = m + sigma_T * eps_k, seeded, optionally pruned.
+"""Draws LoRA adapters from a posterior: theta_d = m + sigma_T * eps_d, seeded, optionally pruned.
 
 Every draw is a pure function of (posterior, seed, config): the same seed writes the same bytes on
 every machine, which is what lets N stateless replicas serve identical pools without coordination.
@@ -27,20 +27,22 @@ PRUNE_BY: tuple[str, ...] = get_args(PruneBy)
 @dataclass(frozen=True)
 class SamplerConfig:
     """How draws are made, and the one source of their defaults (the server's settings and
-    ``ivonserve sample`` read them from here). temperature scales the variance (T=0: the mean
-    model); prune is the fraction of LoRA entries zeroed in the mean and every draw, ranked by
-    ``prune_by``: highest variance (uncertainty-guided pruning), lowest |m|/sigma, or at random
-    (the control: the same fraction, chosen without looking at the posterior)."""
+    ``ivonserve sample`` read them from here). posterior_temperature T scales the variance (T=0:
+    the mean model); prune is the fraction of LoRA entries zeroed in the mean and every draw,
+    ranked by ``prune_by``: highest variance (uncertainty-guided pruning), lowest |m|/sigma, or
+    at random (the control: the same fraction, chosen without looking at the posterior)."""
 
     # Off by default: on held-out GSM8k every 10% pruning raised the NLL of the mean and of the
     # draws (README, "Does it pay off?"); the option stays for posteriors where it helps.
-    temperature: float = 1.0
+    posterior_temperature: float = 1.0
     prune: float = 0.0
     prune_by: PruneBy = "variance"
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise IvonserveError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.posterior_temperature >= 0:
+            raise IvonserveError(
+                f"posterior_temperature must be >= 0, got {self.posterior_temperature}"
+            )
         if not 0 <= self.prune < 1:
             raise IvonserveError(f"prune must be in [0, 1), got {self.prune}")
         if self.prune_by not in PRUNE_BY:
@@ -98,7 +100,7 @@ class Sampler:
     def __init__(self, posterior: Posterior, config: SamplerConfig = SamplerConfig()) -> None:
         self.posterior = posterior
         self.config = config
-        self.sigma = posterior.sigma(config.temperature)
+        self.sigma = posterior.sigma(config.posterior_temperature)
         self.mask = prune_mask(posterior, config)
 
     def draw(self, seed: int) -> dict[str, torch.Tensor]:
@@ -127,7 +129,7 @@ class Sampler:
         """The mean and `size` draws as folders under `out` (tmpfs in the server)."""
         out = Path(out)
         mean_dir = self.write(self.mean(), out / "mean")
-        draws = [self.write_draw(k, seed, out / f"draw-{k}") for k in range(size)]
+        draws = [self.write_draw(d, seed, out / f"draw-{d}") for d in range(size)]
         return mean_dir, draws
 
     def write_draw(self, index: int, pool_seed: int, out: str | Path) -> Path:

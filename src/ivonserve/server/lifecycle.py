@@ -1,5 +1,6 @@
 """The server's life: the engine's states (starting -> ready -> draining | died, or failed),
-the checks before anything listens, and ``serve`` (uvicorn with a draining SIGTERM).
+the probes that report them (/health, /ready), and the checks before anything listens
+(``run.serve`` runs uvicorn with a draining SIGTERM).
 
 The app comes up at once and answers ``/health`` (200) and ``/ready`` (503) while the engine
 starts in a background task of the lifespan; ``/ready`` turns 200 once vLLM is up and every pool
@@ -13,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
 from ivonserve.config import Settings
 from ivonserve.engine import Engine
-from ivonserve.errors import IvonserveError
-from ivonserve.protocol import Readiness
-from ivonserve.server.errors import ApiError
+from ivonserve.errors import EngineNotReady, IvonserveError
+from ivonserve.server.protocol import Health, Readiness
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -35,7 +36,6 @@ WATCHDOG_S = 1.0
 # after the engine died: /ready answers 503 and in-flight streams send their error event for
 # this long before the server stops listening (a probe and every client see why)
 DEATH_GRACE_S = 1.0
-EXIT_ENGINE_DIED = 1
 
 
 class EngineState:
@@ -125,7 +125,7 @@ class EngineState:
     def require(self) -> Engine:
         if self.engine is None or not self.engine.ready:
             state = self.readiness()
-            raise ApiError(503, f"the engine is not ready ({state.status}: {state.detail})")
+            raise EngineNotReady(f"the engine is not ready ({state.status}: {state.detail})")
         return self.engine
 
     def snapshot(self, admission: Admission) -> dict[str, Any]:
@@ -146,15 +146,6 @@ def start_draining(app: FastAPI) -> None:
     app.state.admission.draining = True
 
 
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise IvonserveError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-
-
 def check_before_start(settings: Settings) -> None:
     """Everything a user can get wrong, checked before the server listens: the base model (its
     config, tokenizer and weight files), and every posterior (files, shapes, finiteness, fit to
@@ -170,54 +161,20 @@ def check_before_start(settings: Settings) -> None:
     settings.api_key_list()  # an unreadable or empty key file
 
 
-def serve(settings: Settings) -> int:
-    """Print the settings, run uvicorn until stopped. Exit codes: 0 after SIGTERM/SIGINT (drained),
-    1 if the engine died while serving; a failed start raises (exit 2 from the CLI)."""
-    import uvicorn
+# --- the probes -------------------------------------------------------------------------------
+router = APIRouter()
 
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("ivonserve").setLevel(getattr(logging, settings.log_level.upper()))
-    print("ivonserve settings:\n" + settings.summary(), flush=True)
-    _check_port(settings.host, settings.port)
-    check_before_start(settings)
-    from ivonserve.server.app import create_app
 
-    app = create_app(settings)
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    """The process is up (200 always); see /ready for the engine."""
+    return Health()
 
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:
-                logger.info("signal %d: draining (up to %.0f s)", sig, settings.drain_timeout_s)
-            start_draining(app)
-            super().handle_exit(sig, frame)
 
-    server = DrainingServer(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,  # ivonserve.access logs one structured line per request
-            timeout_graceful_shutdown=settings.drain_timeout_s,
-        )
-    )
-
-    def fatal() -> None:
-        server.should_exit = True
-
-    app.state.engine_state.on_fatal = fatal
-    # uvicorn re-raises the signal it caught once it has shut down; with the default SIGTERM
-    # handler that would kill the drained process with status 143 instead of exiting 0
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"ivonserve: http://{settings.host}:{settings.port} (ready at /ready)", flush=True)
-    server.run()
-    state = app.state.engine_state
-    if state.died:
-        print(f"ivonserve: error: {state.error}", flush=True)
-        return EXIT_ENGINE_DIED
-    if state.error is not None:
-        raise IvonserveError(f"the engine failed to start: {state.error}")
-    return 0
+@router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+async def ready(raw_request: Request) -> Any:
+    """200 once the engine is started and every pool registered; 503 before, while draining,
+    or after a failure."""
+    state = raw_request.app.state.engine_state.readiness()
+    code = 200 if state.status == "ready" else 503
+    return JSONResponse(state.model_dump(), status_code=code)

@@ -1,7 +1,19 @@
-"""Admission control: at most ``max_in_flight`` generation requests on the engine, at most
-``max_queued`` waiting behind them (first come, first served), and a 429 with ``Retry-After``
-past both. vLLM would accept any number of requests and let every one of them slow down; a
-bounded queue keeps latency predictable and tells clients when to come back instead.
+"""Every limit a request meets, each checked once, here, with one status per fault
+(``ivonserve.errors``):
+
+* admission (``Admission``): at most ``max_in_flight`` requests on the engine, at most
+  ``max_queued`` waiting behind them (first come, first served), ``Overloaded`` (429 with
+  ``Retry-After``) past both, ``ShuttingDown`` (503) while draining. vLLM would accept any
+  number of requests and let every one of them slow down; a bounded queue keeps latency
+  predictable and tells clients when to come back instead;
+* the time a request may take, queue included (``Limits.deadline``: ``RequestTimeout``, 504);
+* the body's size (``check_body_size``: ``BodyTooLarge``, 413; the middleware reads the body);
+* what a request asks for (``Limits``): n_models against the pool's size K, the candidates
+  (``max_candidates``), ``max_tokens``, the prompt's length (``max_prompt_tokens``, the
+  context), token ids against the vocabulary, the texts of one scoring request
+  (``max_continuations``): ``InvalidRequest`` (422) naming the field.
+
+The engine trusts what passed here: it neither re-resolves nor re-checks it.
 """
 
 from __future__ import annotations
@@ -9,15 +21,31 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
+from ivonserve.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    ShuttingDown,
+)
 
-class Overloaded(Exception):
-    """Every slot and every queue place is taken (429), or the server is draining (503)."""
+if TYPE_CHECKING:
+    from ivonserve.config import Settings
+    from ivonserve.pool import Pool
 
-    def __init__(self, status: int, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
+__all__ = [
+    "Admission",
+    "BodyTooLarge",
+    "Limits",
+    "Overloaded",
+    "ShuttingDown",
+    "Ticket",
+    "check_body_size",
+]
 
 
 class Ticket:
@@ -72,7 +100,7 @@ class Admission:
     def enter(self) -> Ticket:
         """A ticket holding a slot or a queue place; ``Overloaded`` when there is neither."""
         if self.draining:
-            raise Overloaded(503, "the server is shutting down", self.retry_after_s())
+            raise ShuttingDown("the server is shutting down", self.retry_after_s())
         ticket = Ticket(self)
         if self.in_flight < self.max_in_flight and not self._waiting:
             self.in_flight += 1
@@ -81,7 +109,6 @@ class Admission:
             self._waiting.append(ticket)
         else:
             raise Overloaded(
-                429,
                 f"too many requests: {self.in_flight} in flight (max_in_flight "
                 f"{self.max_in_flight}) and {len(self._waiting)} queued (max_queued "
                 f"{self.max_queued})",
@@ -110,3 +137,104 @@ class Admission:
                 successor._slot.set_result(None)
                 return
         self.in_flight -= 1
+
+
+def check_body_size(size: int, max_body_bytes: int) -> None:
+    """A body (as declared, or as read so far) within ``max_body_bytes``."""
+    if size > max_body_bytes:
+        raise BodyTooLarge(f"the request body exceeds max_body_bytes={max_body_bytes}")
+
+
+class Limits:
+    """What one request may ask for, from the settings; each method resolves a default where
+    the request leaves it out and checks the limit once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def n_draws(self, requested: int | None, pool: Pool) -> int:
+        """The wire's n_models: the request's (at most the pool size K), or the server default
+        capped at K."""
+        if requested is None:
+            return min(self.settings.default_n_models, pool.size)
+        if requested > pool.size:
+            raise InvalidRequest(
+                "n_models", f"must be <= the pool size {pool.size}, got {requested}"
+            )
+        return requested
+
+    def n_samples(self, requested: int | None, n_draws: int) -> int:
+        """The request's n_samples (or the default), with max(1, n_models) * n_samples
+        candidates at most ``max_candidates``."""
+        s = self.settings
+        n_samples = requested if requested is not None else s.default_n_samples
+        count = max(1, n_draws) * n_samples
+        if count > s.max_candidates:
+            raise InvalidRequest(
+                "n_samples",
+                f"max(1, n_models) * n_samples = {count} candidates exceeds "
+                f"max_candidates {s.max_candidates}",
+            )
+        return n_samples
+
+    def max_tokens(self, requested: int | None) -> int:
+        """The request's max_tokens (or the default), at most ``max_tokens_limit``."""
+        s = self.settings
+        max_tokens = requested if requested is not None else s.default_max_tokens
+        if max_tokens > s.max_tokens_limit:
+            raise InvalidRequest("max_tokens", f"must be <= {s.max_tokens_limit}, got {max_tokens}")
+        return max_tokens
+
+    def prompt(self, prompt_ids: Sequence[int], field: str, context: int) -> None:
+        """A prompt within ``max_prompt_tokens`` (default: the context length - 1)."""
+        limit = self.settings.max_prompt_tokens or context - 1
+        if len(prompt_ids) > limit:
+            raise InvalidRequest(
+                field,
+                f"the prompt is {len(prompt_ids)} tokens, over the limit of {limit} "
+                "(max_prompt_tokens / the context length)",
+            )
+
+    @staticmethod
+    def context(prompt_ids: Sequence[int], max_tokens: int, context: int) -> None:
+        """A prompt that is not empty, and prompt + max_tokens within the context length."""
+        if not prompt_ids:
+            raise InvalidRequest("prompt", "the prompt is empty")
+        total = len(prompt_ids) + max_tokens
+        if total > context:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = "
+                f"{total} exceeds the context length {context}",
+            )
+
+    def scored(self, sequences: Sequence[Sequence[int]], field: str, context: int) -> None:
+        """The texts of one scoring request: at most ``max_continuations``, each a prompt
+        within the limits with room for the one token vLLM decodes."""
+        if len(sequences) > self.settings.max_continuations:
+            raise InvalidRequest(
+                field,
+                f"{len(sequences)} texts to score exceed max_continuations "
+                f"{self.settings.max_continuations}",
+            )
+        for sequence in sequences:
+            self.prompt(sequence, field, context)
+            self.context(sequence, 1, context)
+
+    @staticmethod
+    def token_ids(ids: Sequence[int], vocab: int, field: str) -> None:
+        """Token ids the request gives: each below the vocabulary size."""
+        if any(t >= vocab for t in ids):
+            raise InvalidRequest(field, f"token ids are below the vocabulary size {vocab}")
+
+    @asynccontextmanager
+    async def deadline(self, what: str) -> AsyncIterator[None]:
+        """At most ``request_timeout_s`` for what runs inside (queue time included)."""
+        timeout_s = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                yield
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the {what} took longer than request_timeout_s={timeout_s}"
+            ) from None

@@ -1,6 +1,7 @@
-"""Prometheus metrics (prometheus-client), one registry per app so that several apps in one
-process (the tests) never share counters. Values owned elsewhere (the admission counters, the
-engine's aborted requests and pools) are read at scrape time by a collector instead of copied.
+"""Prometheus metrics (prometheus-client) and their route, GET /metrics: one registry per app so
+that several apps in one process (the tests) never share counters. Values owned elsewhere (the
+admission counters, the engine's aborted requests and pools) are read at scrape time by a
+collector instead of copied.
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -133,3 +137,12 @@ class LiveCollector(Collector):
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(raw_request: Request) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    return Response(raw_request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

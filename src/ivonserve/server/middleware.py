@@ -1,7 +1,8 @@
 """One pure-ASGI middleware for what every request shares: its id (echoed as ``x-request-id``),
-API-key auth, the body size limit, the request counter and latency histogram, and one structured
-log line. Pure ASGI (not ``BaseHTTPMiddleware``) so streaming responses and the handlers' wait
-for ``http.disconnect`` pass through untouched.
+API-key auth, the body read within its size limit (``limits.check_body_size``), the request
+counter and latency histogram, and one structured log line. Pure ASGI (not
+``BaseHTTPMiddleware``) so streaming responses and the handlers' wait for ``http.disconnect``
+pass through untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ivonserve.server.errors import ApiError
+from ivonserve.errors import BodyTooLarge, IvonserveError, Unauthorized, api_error
+from ivonserve.server.limits import check_body_size
 from ivonserve.server.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -31,10 +33,6 @@ OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without a key
 PAGE_PATHS = frozenset({"/", "/ui"})
 PAGE_PREFIX = "/ui/"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class RequestContext:
@@ -68,25 +66,16 @@ class RequestContext:
             await send(message)
 
         try:
-            if not self._authorized(scope):
-                await _error(
-                    send_with_id,
-                    401,
-                    "a valid API key is required: send `Authorization: Bearer KEY`",
-                    extra=[(b"www-authenticate", b"Bearer")],
-                )
-            else:
-                try:
-                    receive = await self._bounded_body(scope, receive)
-                except BodyTooLarge:
-                    await _error(
-                        send_with_id,
-                        413,
-                        f"the request body exceeds max_body_bytes={self.max_body_bytes}",
-                        param="body",
+            try:
+                if not self._authorized(scope):
+                    raise Unauthorized(
+                        "a valid API key is required: send `Authorization: Bearer KEY`"
                     )
-                else:
-                    await self.app(scope, receive, send_with_id)
+                receive = await self._bounded_body(scope, receive)
+            except (Unauthorized, BodyTooLarge) as err:
+                await _error(send_with_id, err)
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
             self._record(scope, request_id, status, time.perf_counter() - began, fields)
 
@@ -106,8 +95,8 @@ class RequestContext:
         """Read the body up to the limit, then replay it: an oversized body is refused before
         any of it is parsed, and later ``receive`` calls still see the client's disconnect."""
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise BodyTooLarge
+        if declared is not None and declared.isdigit():
+            check_body_size(int(declared), self.max_body_bytes)
         if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return receive
         chunks, size, more = [], 0, True
@@ -117,8 +106,7 @@ class RequestContext:
                 return _replay([message], receive)
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                raise BodyTooLarge
+            check_body_size(size, self.max_body_bytes)
             chunks.append(chunk)
             more = message.get("more_body", False)
         return _replay([{"type": "http.request", "body": b"".join(chunks)}], receive)
@@ -161,14 +149,11 @@ def _request_id(scope: Scope) -> str:
     return given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
 
 
-async def _error(
-    send: Send,
-    status: int,
-    message: str,
-    param: str | None = None,
-    extra: list[tuple[bytes, bytes]] = (),
-) -> None:
-    body = ApiError(status, message, param).body().model_dump_json().encode()
+async def _error(send: Send, exc: IvonserveError) -> None:
+    """An error answered before the app runs (no key, a body too large)."""
+    err = api_error(exc)
+    body = err.json()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, *extra]})
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -21,15 +21,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-SUPPORTED_VLLM = ("0.32.0", "0.33.0")
-LORA_KERNEL_ENV = "IVONSERVE_LORA_KERNEL"  # grouped | vllm; the engine sets it for its workers
-LORA_KERNELS = ("grouped", "vllm")
+from ivonserve.vllm_plugin.shared import (
+    LORA_KERNEL_ENV,
+    LORA_KERNELS,
+    SUPPORTED_VLLM,
+    PluginError,
+)
+
+__all__ = ["LORA_KERNELS", "LORA_KERNEL_ENV", "SUPPORTED_VLLM", "PluginError", "register", "status"]
 
 _applied: dict[str, Any] = {}
-
-
-class PluginError(RuntimeError):
-    """vLLM is not a version (or its code not the shape) this plugin was written against."""
 
 
 def register() -> None:
@@ -75,7 +76,7 @@ def status() -> dict[str, Any]:
         **_applied,
         "pid": os.getpid(),
         "omp_threads": torch.get_num_threads(),  # the cores this process computes on
-        # the cap on oneDNN's per-shape GEMM cache that this process started with (engine.py)
+        # the cap on oneDNN's per-shape GEMM cache that this process started with (engine/args.py)
         "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
         "generator_rewinds": seeds.REWINDS.count,
         "grouped_lora_calls": lora_ops.CALLS.count,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch.library import Library
 
-from ivonserve.vllm_plugin import PluginError
+from ivonserve.vllm_plugin.shared import PluginError
 
 LIBRARY = Library("ivonserve", "FRAGMENT")  # the ops live as long as this object
 # vLLM's op signatures these replace: a moved argument would silently mean another thing

@@ -26,7 +26,8 @@ import weakref
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from ivonserve.vllm_plugin import LORA_KERNEL_ENV, PluginError, lora_ops
+from ivonserve.vllm_plugin import lora_ops
+from ivonserve.vllm_plugin.shared import LORA_KERNEL_ENV, PluginError
 
 QUALNAME = f"{__name__}.GroupedPunicaWrapperCPU"
 VLLM_QUALNAME = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"

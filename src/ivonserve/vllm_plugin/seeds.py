@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ivonserve.vllm_plugin import PluginError
+from ivonserve.vllm_plugin.shared import PluginError
 
 # the line of GPUModelRunner._bookkeeping_sync this patch stands in for
 OFFSET_REWIND = "gen.set_offset(gen.get_offset() - 4)"

@@ -24,7 +24,7 @@
   function fresh(plan) {
     return {
       plan, // {n_models, n_samples} when known (from the form or the result)
-      cands: new Map(), // "model:sample" -> candidate
+      cands: new Map(), // "draw:sample" -> candidate
       stopped: new Set(), // keys shown as stopped (early stopping), when the server says so
       result: null,
       seed: null, // the seed as the server sent it (digits: 62-bit seeds exceed JS numbers)
@@ -33,7 +33,7 @@
       draws: 0,
     };
   }
-  const keyOf = (model, sample) => `${model === null || model === undefined ? "mean" : model}:${sample}`;
+  const keyOf = (draw, sample) => `${draw === null || draw === undefined ? "mean" : draw}:${sample}`;
 
   // --- API key -------------------------------------------------------------------------------
   function loadKey() {
@@ -261,10 +261,10 @@
     if (Array.isArray(ev.candidates)) {
       for (const c of ev.candidates) addCandidate(c, flagged);
       if (ev.type === "candidates") S.draws += 1;
-    } else if (flagged && "model" in ev) {
+    } else if (flagged && "draw" in ev) {
       const samples = Array.isArray(ev.samples) ? ev.samples
         : ev.sample !== undefined ? [ev.sample] : [...Array(S.plan?.n_samples ?? 0).keys()];
-      for (const s of samples) S.stopped.add(keyOf(ev.model, s));
+      for (const s of samples) S.stopped.add(keyOf(ev.draw, s));
     }
     const of = S.plan ? ` of ${Math.max(1, S.plan.n_models)}` : "";
     status(`generating… ${S.draws}${of} draw${S.draws === 1 && !of ? "" : "s"} done`);
@@ -272,7 +272,7 @@
   }
 
   function addCandidate(c, flagged) {
-    const key = keyOf(c.model, c.sample);
+    const key = keyOf(c.draw, c.sample);
     S.cands.set(key, c);
     if (flagged || isStopped(c)) S.stopped.add(key);
   }
@@ -284,7 +284,7 @@
     S.plan = { n_models: result.n_models, n_samples: result.n_samples };
     for (const c of result.candidates || []) addCandidate(c, false);
     for (const s of Array.isArray(result.stopped) ? result.stopped : []) {
-      if (s && typeof s === "object") S.stopped.add(keyOf(s.model, s.sample));
+      if (s && typeof s === "object") S.stopped.add(keyOf(s.draw, s.sample));
     }
     setState("done");
     status(`done in ${fmt(result.timing?.total_s, 2)} s`);
@@ -305,25 +305,25 @@
   }
   const clip = (s, n) => (s.length > n ? `${s.slice(0, n - 1)}…` : s);
   const fmt = (x, digits) => (typeof x === "number" ? x.toFixed(digits) : "–");
-  const drawName = (m) => (m === null || m === undefined || m === "mean" ? "mean" : `draw ${m}`);
+  const drawName = (d) => (d === null || d === undefined || d === "mean" ? "mean" : `draw ${d}`);
 
   function rows() {
-    const models = [];
+    const draws = [];
     const samples = [];
     if (S.plan) {
-      if (S.plan.n_models === 0) models.push(null);
-      for (let m = 0; m < S.plan.n_models; m++) models.push(m);
+      if (S.plan.n_models === 0) draws.push(null);
+      for (let d = 0; d < S.plan.n_models; d++) draws.push(d);
       for (let s = 0; s < S.plan.n_samples; s++) samples.push(s);
     }
     for (const c of S.cands.values()) {
-      const m = c.model ?? null;
-      if (!models.includes(m)) models.push(m);
+      const d = c.draw ?? null;
+      if (!draws.includes(d)) draws.push(d);
       if (!samples.includes(c.sample)) samples.push(c.sample);
     }
-    const order = (m) => (m === null ? -1 : m);
-    models.sort((a, b) => order(a) - order(b));
+    const order = (d) => (d === null ? -1 : d);
+    draws.sort((a, b) => order(a) - order(b));
     samples.sort((a, b) => a - b);
-    return { models, samples };
+    return { draws, samples };
   }
 
   // clusters of the counted (not stopped) candidates, largest first, then first seen
@@ -336,8 +336,8 @@
       if (!found.has(k)) found.set(k, { key: k, count: 0, first: i, byDraw: new Map() });
       const cl = found.get(k);
       cl.count += 1;
-      const m = c.model ?? null;
-      cl.byDraw.set(m, (cl.byDraw.get(m) || 0) + 1);
+      const d = c.draw ?? null;
+      cl.byDraw.set(d, (cl.byDraw.get(d) || 0) + 1);
       i += 1;
     }
     const list = [...found.values()].sort((a, b) => b.count - a.count || a.first - b.first);
@@ -350,7 +350,7 @@
   }
 
   function chosenKey() {
-    return S.result ? keyOf(S.result.chosen_model, S.result.chosen_sample) : null;
+    return S.result ? keyOf(S.result.chosen_draw, S.result.chosen_sample) : null;
   }
 
   function ink(hex) {
@@ -370,21 +370,21 @@
   function renderGrid(cl) {
     const grid = $("grid");
     grid.replaceChildren();
-    const { models, samples } = rows();
+    const { draws, samples } = rows();
     grid.style.gridTemplateColumns = `max-content repeat(${samples.length}, minmax(3.2rem, 1fr))`;
-    if (!models.length) return;
+    if (!draws.length) return;
     grid.append(el("div", "corner", ""));
     for (const s of samples) grid.append(el("div", "col-head", `sample ${s}`));
     const chosen = chosenKey();
-    for (const m of models) {
-      const head = el("div", "row-head", drawName(m));
+    for (const d of draws) {
+      const head = el("div", "row-head", drawName(d));
       grid.append(head);
       for (const s of samples) {
-        const key = keyOf(m, s);
+        const key = keyOf(d, s);
         const c = S.cands.get(key);
         const cell = el("button", "cell", "");
         cell.type = "button";
-        cell.dataset.model = m === null ? "mean" : String(m);
+        cell.dataset.draw = d === null ? "mean" : String(d);
         cell.dataset.sample = String(s);
         if (!c) {
           const stopped = S.stopped.has(key) || (S.result !== null);
@@ -397,7 +397,7 @@
           cell.dataset.state = "stopped";
           cell.classList.add("stopped");
           cell.textContent = "stopped";
-          cell.title = `${drawName(m)}, sample ${s}: stopped early (not counted)`;
+          cell.title = `${drawName(d)}, sample ${s}: stopped early (not counted)`;
         } else {
           const k = clusterKey(c);
           const group = cl.byKey.get(k);
@@ -406,7 +406,7 @@
           cell.style.background = group ? group.color : OTHER;
           cell.style.color = ink(group ? group.color : OTHER);
           cell.textContent = k.startsWith("a:") ? clip(k.slice(2), 8) : group?.letter ?? "?";
-          cell.title = `${drawName(m)}, sample ${s}: ${clusterLabel(k)}`;
+          cell.title = `${drawName(d)}, sample ${s}: ${clusterLabel(k)}`;
         }
         if (key === chosen) {
           cell.classList.add("chosen");
@@ -428,7 +428,7 @@
     S.selected = key;
     const stopped = S.stopped.has(key);
     $("cell-detail").hidden = false;
-    $("detail-title").textContent = `${drawName(c.model)}, sample ${c.sample}`
+    $("detail-title").textContent = `${drawName(c.draw)}, sample ${c.sample}`
       + (key === chosenKey() ? " · chosen" : "") + (stopped ? " · stopped" : "");
     const parts = [`answer: ${c.answer ?? "(none)"}`, `${c.tokens ?? "?"} tokens`,
       `finish: ${c.finish_reason ?? "–"}`];
@@ -439,7 +439,7 @@
     if (!quiet) {
       for (const cell of document.querySelectorAll("#grid .cell")) {
         cell.classList.toggle("selected",
-          keyOf(cell.dataset.model === "mean" ? null : Number(cell.dataset.model),
+          keyOf(cell.dataset.draw === "mean" ? null : Number(cell.dataset.draw),
             Number(cell.dataset.sample)) === key);
       }
     }
@@ -451,13 +451,13 @@
     shares.replaceChildren();
     perDraw.replaceChildren();
     const total = cl.list.reduce((n, c) => n + c.count, 0);
-    const { models } = rows();
+    const { draws } = rows();
     // per draw: its counted samples; model-wise share = mean over draws of the draw's share
-    const drawTotals = new Map(models.map((m) => [m, 0]));
+    const drawTotals = new Map(draws.map((d) => [d, 0]));
     for (const [key, c] of S.cands) {
       if (S.stopped.has(key)) continue;
-      const m = c.model ?? null;
-      drawTotals.set(m, (drawTotals.get(m) || 0) + 1);
+      const d = c.draw ?? null;
+      drawTotals.set(d, (drawTotals.get(d) || 0) + 1);
     }
     const active = [...drawTotals.entries()].filter(([, n]) => n > 0);
     const chosen = S.result ? S.cands.get(chosenKey()) : null;
@@ -473,7 +473,7 @@
     for (const group of cl.list) {
       const flat = group.count / total;
       const modelWise = active.length
-        ? active.reduce((acc, [m, n]) => acc + (group.byDraw.get(m) || 0) / n, 0) / active.length
+        ? active.reduce((acc, [d, n]) => acc + (group.byDraw.get(d) || 0) / n, 0) / active.length
         : 0;
       const row = el("div", "share-row", "");
       row.dataset.cluster = group.letter;
@@ -496,13 +496,13 @@
         el("span", "num share-mw", `${(100 * modelWise).toFixed(0)}%`));
       shares.append(row);
     }
-    for (const [m, n] of active) {
+    for (const [d, n] of active) {
       const row = el("div", "draw-row", "");
-      row.dataset.model = m === null ? "mean" : String(m);
-      row.append(el("span", "row-head", drawName(m)));
+      row.dataset.draw = d === null ? "mean" : String(d);
+      row.append(el("span", "row-head", drawName(d)));
       const bar = el("span", "stack", "");
       for (const group of cl.list) {
-        const k = group.byDraw.get(m) || 0;
+        const k = group.byDraw.get(d) || 0;
         if (!k) continue;
         const seg = el("span", "seg", k / n >= 0.15 ? group.letter : "");
         seg.style.width = `${(100 * k) / n}%`;
@@ -525,7 +525,7 @@
     $("confidence").textContent = r ? `${(100 * r.confidence).toFixed(0)}%` : "…";
     $("confidence-bar").style.width = r ? `${(100 * r.confidence).toFixed(1)}%` : "0%";
     $("chosen").textContent = r
-      ? `chosen: ${drawName(r.chosen_model)}, sample ${r.chosen_sample} (${r.model})` : "";
+      ? `chosen: ${drawName(r.chosen_draw)}, sample ${r.chosen_sample} (${r.model})` : "";
     $("chosen-text").textContent = r ? r.text : "";
     $("chosen-text").hidden = !r;
     $("ran-with").textContent = r
