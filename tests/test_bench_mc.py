@@ -89,7 +89,9 @@ def test_a_rerun_resumes_and_temperature_scaling_is_fitted_on_validation(live, d
     results = asyncio.run(mc.run(again))
     assert len(_records(out)) == len(first)
     scaled = [a for a in results["arms"] if a["temperature"] is not None]
-    assert [a["k"] for a in scaled] == [0] and "+TS(T=" in scaled[0]["arm"]
+    # the mean's fitted temperature, and the predictive with each draw scaled by it
+    assert [a["k"] for a in scaled] == [0, 2] and "+TS(T=" in scaled[0]["arm"]
+    assert scaled[0]["temperature"] == scaled[1]["temperature"]
     rows = [r for r in _records(validation)]
     gold = {i: row["label"] for i, row in enumerate(MC_ROWS[-3:])}
     expected = calibration.fit_temperature(

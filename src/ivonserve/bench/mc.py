@@ -173,7 +173,9 @@ def summarise(arms: list[Arm], records: dict, questions: list[MCQuestion], seed:
 
 
 def fitted_temperatures(validation: Path, arms: list[Arm], form: str) -> list[Arm]:
-    """K = 0 arms rescaled by the temperature that minimises their NLL on a validation run."""
+    """K = 0 arms rescaled by the temperature that minimises their NLL on a validation run, and
+    the same model's K > 0 arms with every draw rescaled by that temperature before averaging
+    (the mean's temperature: scaling the predictive's draws needs no fit of its own)."""
     path = validation / RECORDS
     if not path.is_file():
         raise IvonserveError(f"--fit-temperature: {path} not found (run bench mc there first)")
@@ -193,8 +195,9 @@ def fitted_temperatures(validation: Path, arms: list[Arm], form: str) -> list[Ar
         if not rows:
             continue
         logits = [r["choice_logprobs"][0] for r in rows]
-        t = calibration.fit_temperature(logits, [gold[r["index"]] for r in rows])
-        out.append(Arm(arm.label, arm.model, 0, round(t, 4)))
+        t = round(calibration.fit_temperature(logits, [gold[r["index"]] for r in rows]), 4)
+        draws = sorted({a.k for a in arms if (a.label, a.model) == (arm.label, arm.model)})
+        out += [Arm(arm.label, arm.model, k, t) for k in draws]
     return out
 
 
