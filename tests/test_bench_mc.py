@@ -133,3 +133,17 @@ def test_bad_url_data_or_model_is_one_line_and_exit_2(live, data, tmp_path):
         run = _cli(*argv, "--out", out)
         assert run.returncode == 2, (argv, run.stderr)
         assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+def test_a_longer_limit_scores_only_the_rest(live, data, tmp_path):
+    """The first N questions first, all of them later: the first run's records are reused, and
+    a label not run again over all of them leaves the table until it is."""
+    out = tmp_path / "run"
+    asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0", "--limit", "3")))
+    asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0", "--limit", "3",
+                             "--label", "other")))  # fmt: skip
+    results = asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0")))
+    records = _records(out)
+    assert len(records) == len(MC_ROWS) + 3  # the first 3 were not asked again
+    assert results["questions"] == len(MC_ROWS) and results["limit"] is None
+    assert [a["label"] for a in results["arms"]] == [""]

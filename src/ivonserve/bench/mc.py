@@ -101,10 +101,7 @@ async def score_all(
 
 def arm_probs(arm: Arm, records: dict, questions: list[MCQuestion]) -> list[np.ndarray]:
     """Each question's predictive over its choices under one arm."""
-    held = {}
-    for (label, model, n, index), row in records.items():
-        if (label, model) == (arm.label, arm.model) and (n == 0) == (arm.k == 0) and n >= arm.k:
-            held[index] = row
+    held = _held(arm, records)
     missing = [q.index for q in questions if q.index not in held]
     if missing:
         raise IvonserveError(
@@ -119,6 +116,15 @@ def arm_probs(arm: Arm, records: dict, questions: list[MCQuestion]) -> list[np.n
             calibration.predictive([calibration.softmax_over(np.array(d) / t) for d in draws])
         )
     return out
+
+
+def _held(arm: Arm, records: dict) -> dict[int, dict]:
+    """The records an arm reads, by question index (its K draws: any request of K or more)."""
+    return {
+        index: row
+        for (label, model, n, index), row in records.items()
+        if (label, model) == (arm.label, arm.model) and (n == 0) == (arm.k == 0) and n >= arm.k
+    }
 
 
 def bootstrap(
@@ -299,22 +305,24 @@ def _update_results(
     """results.json over every arm recorded in this folder (earlier runs' labels included)."""
     path = out / "results.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
-    if previous and (
-        previous["data"],
-        previous["holdout"],
-        previous["limit"],
-        previous["form"],
-    ) != (str(args.data), args.holdout, args.limit, args.form):
+    if previous and (previous["data"], previous["holdout"], previous["form"]) != (
+        str(args.data),
+        args.holdout,
+        args.form,
+    ):
         raise IvonserveError(
             f"{out}: holds results of other questions or another --form; use another --out"
         )
+    records = load_records(out / RECORDS, _key)
+    indices = {q.index for q in questions}
     arms = [Arm(a["label"], a["model"], a["k"], a["temperature"]) for a in previous.get("arms", [])]
+    # another --limit: an earlier label's arms rejoin once they cover these questions too
+    arms = [a for a in arms if a in new_arms or indices <= _held(a, records).keys()]
     arms += [a for a in new_arms if a not in arms]
     if args.fit_temperature:
         fitted = fitted_temperatures(Path(args.fit_temperature), arms, args.form)
         arms = [a for a in arms if a.temperature is None] + fitted
     configs = add_server_run(previous, args, plan, seconds)
-    records = load_records(out / RECORDS, _key)
     results = {
         "dataset": args.dataset or Path(args.data).parent.name or Path(args.data).stem,
         "data": str(args.data),
