@@ -62,7 +62,7 @@ def replay(row: dict, policy: StopPolicy, method: str, max_tokens: int) -> Outco
     for step, group in groupby(order, key=lambda i: slots[i][2]):
         for i in order:  # running candidates: their log-probability so far (interpolated)
             _, _, tokens, logprob, _, _ = slots[i]
-            if i not in finished and tokens > step and logprob is not None:
+            if tokens > step and logprob is not None:  # longer than the step: still running
                 tracker.progress(i, logprob * step / tokens)
         for i in group:
             _, _, tokens, logprob, _, text = slots[i]

@@ -71,7 +71,7 @@ def request_body(point: GridPoint, question: Question, args: argparse.Namespace)
         "selection": args.selection,
         "utility": args.utility,
         **early_stop_fields(args),
-        **({"return_candidates": True} if getattr(args, "candidates", False) else {}),
+        **({"return_candidates": True} if args.candidates else {}),
     }
 
 
@@ -135,9 +135,7 @@ async def run_point(
             "chosen": [body.get("chosen_model"), body.get("chosen_sample")],
             "text_sha": text_digest(body.get("text")),
         }
-        if getattr(
-            args, "candidates", False
-        ):  # what bench/early_stop_replay.py replays the rules on
+        if args.candidates:  # what bench/early_stop_replay.py replays the rules on
             row["candidates"] = [
                 [c.get("draw", c.get("model")), c["sample"], c["tokens"], c["logprob"],
                  c["finish_reason"], c["text"]]
