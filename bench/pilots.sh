@@ -55,15 +55,19 @@ export OUT IVONSERVE common
 
 run_all() { printf '%s\n' "$@" | xargs -d '\n' -P "$JOBS" -I{} bash -c 'one "$@"' _ {}; }
 
-run_all \
-  "adamw-lr5e-5|--optimizer adamw --lr 5e-5" \
-  "ivon-lr0.03-ess1e6|$ivon --lr 0.03 --ess 1e6" \
-  "adamw-lr2e-4|--optimizer adamw --lr 2e-4" \
-  "ivon-lr0.1-ess1e6|$ivon --lr 0.1 --ess 1e6" \
-  "adamw-lr1e-3|--optimizer adamw --lr 1e-3" \
-  "ivon-lr0.3-ess1e6|$ivon --lr 0.3 --ess 1e6" \
+ivon_lr_grid=(
+  "ivon-lr0.03-ess1e6|$ivon --lr 0.03 --ess 1e6"
+  "ivon-lr0.1-ess1e6|$ivon --lr 0.1 --ess 1e6"
+  "ivon-lr0.3-ess1e6|$ivon --lr 0.3 --ess 1e6"
   "ivon-lr1.0-ess1e6|$ivon --lr 1.0 --ess 1e6"
-
+)
+adamw_lr_grid=(
+  "adamw-lr5e-5|--optimizer adamw --lr 5e-5"
+  "adamw-lr2e-4|--optimizer adamw --lr 2e-4"
+  "adamw-lr1e-3|--optimizer adamw --lr 1e-3"
+)
+# IVON's lr grid first: phase 2 needs its winner, and then shares the last round with AdamW's.
+run_all "${ivon_lr_grid[@]}"
 if [[ ${FULL_GRID:-0} == 1 ]]; then
   lrs="0.03 0.1 0.3 1.0"
 else
@@ -71,5 +75,5 @@ else
 fi
 phase2=()
 for lr in $lrs; do phase2+=("ivon-lr$lr-ess1e7|$ivon --lr $lr --ess 1e7"); done
-run_all "${phase2[@]}"
+run_all "${adamw_lr_grid[@]}" "${phase2[@]}"
 $PYTHON bench/pilots_table.py "$OUT"
