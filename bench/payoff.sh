@@ -12,6 +12,12 @@
 #                                        # the first 300 questions
 #   bash bench/payoff.sh test-ablations  # the other configurations on the same 300 test questions
 #
+# IVON and ADAMW pick the pair (default: the default posterior and its twin); NAME (default
+# none) names its models NAME-ivon and NAME-adamw, so another pair's arms join the same folder
+# and its report pairs them with the first pair's on the same questions:
+#   IVON=posteriors/smollm2-135m-gsm8k-epoch ADAMW=posteriors/smollm2-135m-gsm8k-epoch-adamw \
+#     NAME=epoch bash bench/payoff.sh test
+#
 # One server per configuration (pruning and temperature are pool settings), float32 (scores
 # equal peft's), pool of 8; each configuration adds its arms under its label to one folder.
 # vLLM's OpenMP threads run on every core (ivonserve's default since 2026-12-02; the results
@@ -25,6 +31,8 @@ IVON=${IVON:-posteriors/smollm2-135m-gsm8k}
 ADAMW=${ADAMW:-posteriors/smollm2-135m-gsm8k-adamw}
 CONFIG=${CONFIG:-prune-none}
 PORT=${PORT:-8130}
+ivon=${NAME:+$NAME-}ivon
+adamw=${NAME:+$NAME-}adamw
 
 # label -> serve flags. Temperature T scales the variance, sigma^2 = T / (ess (h + delta)): with
 # the posterior trained at ess 1e8, T = 10 and 100 stand for ess 1e7 and 1e6, the rest of the ess
@@ -48,7 +56,7 @@ measure() {
   shift 2
   mkdir -p "$out"
   # shellcheck disable=SC2086
-  .venv/bin/ivonserve serve --posterior "ivon=$IVON" --adapter "adamw=$ADAMW" --pool-size 8 \
+  .venv/bin/ivonserve serve --posterior "$ivon=$IVON" --adapter "$adamw=$ADAMW" --pool-size 8 \
     --dtype float32 --port "$PORT" --max-in-flight 2 --log-level warning ${flags[$label]} \
     >"$log" 2>&1 &
   server=$!
@@ -71,16 +79,16 @@ case $split in
   validation)
     data=(--data "$DATA/train.jsonl" --holdout 300 --limit "${LIMIT:-50}")
     out=bench/results/likelihood/validation
-    measure prune-none 0,1,2 ivon adamw
-    for label in "${ablations[@]:1}"; do measure "$label" "$(ablation_ks "$label")" ivon; done ;;
+    measure prune-none 0,1,2 "$ivon" "$adamw"
+    for label in "${ablations[@]:1}"; do measure "$label" "$(ablation_ks "$label")" "$ivon"; done ;;
   test | test-ablations)
     data=(--data "$DATA/test.jsonl" --limit "${LIMIT:-300}")
     out=bench/results/likelihood/test
     if [ "$split" = test ]; then
-      measure "$CONFIG" 0,1,2,4,8 ivon adamw
+      measure "$CONFIG" 0,1,2,4,8 "$ivon" "$adamw"
     else
       for label in "${ablations[@]}"; do
-        [ "$label" = "$CONFIG" ] || measure "$label" "$(ablation_ks "$label")" ivon
+        [ "$label" = "$CONFIG" ] || measure "$label" "$(ablation_ks "$label")" "$ivon"
       done
     fi ;;
   *) echo "payoff: the split is validation, test or test-ablations, not $split" >&2; exit 2 ;;

@@ -2,8 +2,9 @@
 
 `ivonserve bench likelihood` compares every pair of arms in its report.md; this picks the pairs
 the ablations are about: each draw count against its own configuration's mean adapter, each
-configuration against the reference one (no pruning, T = 1) at the same K, and the IVON arms of
-the reference configuration against the AdamW adapter.
+configuration against the reference one (no pruning, T = 1) at the same K, the IVON arms of
+the reference configuration against the AdamW adapter, and a second pair's arms against the
+first's.
 
     python bench/payoff_tables.py bench/results/likelihood/test [--reference prune-none]
 """
@@ -36,11 +37,16 @@ def paired(pairs: dict, a: str, b: str) -> dict | None:
 
 
 def chosen_pairs(results: dict, reference: str) -> list[tuple[str, str]]:
+    """A pair's models are `ivon` and `adamw`, or `NAME-ivon` and `NAME-adamw` for another pair
+    (bench/payoff.sh NAME=...), whose arms are also set against the first pair's at the same K."""
     arms = {a["arm"]: a for a in results["arms"]}
     chosen = []
     for a in results["arms"]:
         label, model, k = a["label"], a["model"], a["k"]
-        if model == "adamw":
+        first_pair = arm_name(label, model.rpartition("-")[2], k)
+        if model != model.rpartition("-")[2] and first_pair in arms:
+            chosen.append((a["arm"], first_pair))
+        if model.endswith("adamw"):
             continue
         own_mean = arm_name(label, model, 0)
         mean = own_mean if own_mean in arms else arm_name(reference, model, 0)
@@ -49,7 +55,7 @@ def chosen_pairs(results: dict, reference: str) -> list[tuple[str, str]]:
         same_k = arm_name(reference, model, k)
         if label != reference and same_k in arms:
             chosen.append((a["arm"], same_k))
-        adamw = arm_name(reference, "adamw", 0)
+        adamw = arm_name(reference, model.removesuffix("ivon") + "adamw", 0)
         if label == reference and adamw in arms:
             chosen.append((a["arm"], adamw))
     return chosen

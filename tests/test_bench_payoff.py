@@ -64,3 +64,36 @@ def test_the_tables_pick_the_ablations_pairs_with_signs_either_way():
     lines = tables.pairs_table(results, "prune-none")
     assert len(lines) == 2 + len(chosen)
     assert "| prune-none/ivon mean | prune-none/adamw mean | +1.0000 |" in "\n".join(lines)
+
+
+def test_a_second_pair_is_set_against_its_own_twin_and_against_the_first_pair():
+    tables = bench_script("payoff_tables")
+    questions = [Question(i, f"q{i}", "1", "s") for i in range(2)]
+    rows = {
+        ("prune-none", "ivon", 0): [[-20.0], [-30.0]],
+        ("prune-none", "adamw", 0): [[-10.0], [-20.0]],
+        ("prune-none", "epoch-ivon", 0): [[-12.0], [-22.0]],
+        ("prune-none", "epoch-ivon", 2): [[-11.0, -11.0], [-21.0, -21.0]],
+        ("prune-none", "epoch-adamw", 0): [[-9.0], [-19.0]],
+    }
+    records = {
+        (label, model, k, i): {"draws": draws[i], "tokens": 10}
+        for (label, model, k), draws in rows.items()
+        for i in range(2)
+    }
+    arms = [Arm(label, model, k) for label, model, k in rows]
+    results = summarise(arms, records, questions, seed=0)
+    chosen = tables.chosen_pairs(results, "prune-none")
+    assert chosen == [
+        ("prune-none/ivon mean", "prune-none/adamw mean"),
+        ("prune-none/epoch-ivon mean", "prune-none/ivon mean"),
+        ("prune-none/epoch-ivon mean", "prune-none/epoch-adamw mean"),
+        ("prune-none/epoch-ivon K=2", "prune-none/epoch-ivon mean"),
+        ("prune-none/epoch-ivon K=2", "prune-none/epoch-adamw mean"),
+        ("prune-none/epoch-adamw mean", "prune-none/adamw mean"),
+    ]
+    pairs = {(p["a"], p["b"]): p for p in results["pairs"]}
+    new_vs_old = tables.paired(pairs, "prune-none/epoch-ivon mean", "prune-none/ivon mean")
+    assert new_vs_old["diff"] == pytest.approx(-0.8)
+    twins = tables.paired(pairs, "prune-none/epoch-ivon K=2", "prune-none/epoch-adamw mean")
+    assert twins["diff"] == pytest.approx(0.2)
