@@ -36,19 +36,19 @@ adamw=${NAME:+$NAME-}adamw
 
 # label -> serve flags. Temperature T scales the variance, sigma^2 = T / (ess (h + delta)): with
 # the posterior trained at ess 1e8, T = 10 and 100 stand for ess 1e7 and 1e6, the rest of the ess
-# sweep at test time. The temperature configurations leave pruning off.
+# sweep at test time (TEMPERATURES: another posterior's sweep, e.g. "0.01 0.1 10" for one trained
+# at ess 1e6). The temperature configurations leave pruning off.
 declare -A flags=(
   [prune-none]="--prune 0"
   [prune-variance]="--prune 0.1 --prune-by variance"
   [prune-snr]="--prune 0.1 --prune-by snr"
   [prune-random]="--prune 0.1 --prune-by random"
-  [temperature-0.5]="--prune 0 --posterior-temperature 0.5"
-  [temperature-2]="--prune 0 --posterior-temperature 2"
-  [temperature-10]="--prune 0 --posterior-temperature 10"
-  [temperature-100]="--prune 0 --posterior-temperature 100"
 )
-ablations=(prune-none prune-variance prune-snr prune-random
-  temperature-0.5 temperature-2 temperature-10 temperature-100)
+ablations=(prune-none prune-variance prune-snr prune-random)
+for t in ${TEMPERATURES:-0.5 2 10 100}; do
+  flags[temperature-$t]="--prune 0 --posterior-temperature $t"
+  ablations+=("temperature-$t")
+done
 
 # measure LABEL KS MODEL...: serve configuration LABEL, score its arms, stop it.
 measure() {
