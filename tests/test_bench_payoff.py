@@ -10,27 +10,32 @@ from ivonserve.bench.common import Question
 from ivonserve.bench.likelihood import Arm, summarise
 
 
-def _results() -> dict:
-    """Two questions of 10 tokens; per-draw log-likelihoods made up so every difference is known:
-    the draws of `prune-none` beat its mean, `temperature-10`'s draws are worse, AdamW is best."""
+def _summarised(rows: dict, arms: list) -> dict:
+    """Two questions of 10 tokens each, with the per-draw log-likelihoods in `rows`."""
     questions = [Question(i, f"q{i}", "1", "s") for i in range(2)]
+    records = {
+        (label, model, k, i): {"draws": draws[i], "tokens": 10}
+        for (label, model, k), draws in rows.items()
+        for i in range(2)
+    }
+    return summarise(arms, records, questions, seed=0)
+
+
+def _results() -> dict:
+    """Per-draw log-likelihoods made up so every difference is known: the draws of `prune-none`
+    beat its mean, `temperature-10`'s draws are worse, AdamW is best."""
     rows = {
         ("prune-none", "ivon", 0): [[-20.0], [-30.0]],
         ("prune-none", "ivon", 2): [[-19.0, -19.0], [-29.0, -29.0]],
         ("prune-none", "adamw", 0): [[-10.0], [-20.0]],
         ("temperature-10", "ivon", 2): [[-25.0, -25.0], [-35.0, -35.0]],
     }
-    records = {
-        (label, model, k, i): {"draws": draws[i], "tokens": 10}
-        for (label, model, k), draws in rows.items()
-        for i in range(2)
-    }
     arms = [Arm("prune-none", "adamw", 0)] + [
         Arm(label, "ivon", k)
         for label, ks in (("prune-none", (0, 1, 2)), ("temperature-10", (1, 2)))
         for k in ks
     ]
-    return summarise(arms, records, questions, seed=0)
+    return _summarised(rows, arms)
 
 
 def test_the_tables_pick_the_ablations_pairs_with_signs_either_way():
@@ -68,7 +73,6 @@ def test_the_tables_pick_the_ablations_pairs_with_signs_either_way():
 
 def test_a_second_pair_is_set_against_its_own_twin_and_against_the_first_pair():
     tables = bench_script("payoff_tables")
-    questions = [Question(i, f"q{i}", "1", "s") for i in range(2)]
     rows = {
         ("prune-none", "ivon", 0): [[-20.0], [-30.0]],
         ("prune-none", "adamw", 0): [[-10.0], [-20.0]],
@@ -76,13 +80,7 @@ def test_a_second_pair_is_set_against_its_own_twin_and_against_the_first_pair():
         ("prune-none", "epoch-ivon", 2): [[-11.0, -11.0], [-21.0, -21.0]],
         ("prune-none", "epoch-adamw", 0): [[-9.0], [-19.0]],
     }
-    records = {
-        (label, model, k, i): {"draws": draws[i], "tokens": 10}
-        for (label, model, k), draws in rows.items()
-        for i in range(2)
-    }
-    arms = [Arm(label, model, k) for label, model, k in rows]
-    results = summarise(arms, records, questions, seed=0)
+    results = _summarised(rows, [Arm(label, model, k) for label, model, k in rows])
     chosen = tables.chosen_pairs(results, "prune-none")
     assert chosen == [
         ("prune-none/ivon mean", "prune-none/adamw mean"),
