@@ -12,6 +12,8 @@
 #                                        # the first 300 questions
 #   bash bench/payoff.sh test-ablations  # the other configurations on the same 300 test questions
 #
+# CONFIGS picks the configurations (labels below) that validation and test-ablations run (default:
+# the 8 above), e.g. CONFIGS="prune-none temperature-0.1 temperature-10" for a spread sweep alone.
 # IVON and ADAMW pick the pair (default: the default posterior and its twin); NAME (default
 # none) names its models NAME-ivon and NAME-adamw, so another pair's arms join the same folder
 # and its report pairs them with the first pair's on the same questions:
@@ -34,20 +36,26 @@ PORT=${PORT:-8130}
 ivon=${NAME:+$NAME-}ivon
 adamw=${NAME:+$NAME-}adamw
 
-# label -> serve flags. Temperature T scales the variance, sigma^2 = T / (ess (h + delta)): with
+# label -> serve flags. temperature-T scales the variance, sigma^2 = T / (ess (h + delta)): with
 # the posterior trained at ess 1e8, T = 10 and 100 stand for ess 1e7 and 1e6, the rest of the ess
-# sweep at test time (TEMPERATURES: another posterior's sweep, e.g. "0.01 0.1 10" for one trained
-# at ess 1e6). The temperature configurations leave pruning off.
+# sweep at test time (another posterior's sweep: CONFIGS with its own T, e.g. temperature-0.1 and
+# temperature-10 for one trained at ess 1e7). The temperature configurations leave pruning off.
 declare -A flags=(
   [prune-none]="--prune 0"
   [prune-variance]="--prune 0.1 --prune-by variance"
   [prune-snr]="--prune 0.1 --prune-by snr"
   [prune-random]="--prune 0.1 --prune-by random"
 )
-ablations=(prune-none prune-variance prune-snr prune-random)
-for t in ${TEMPERATURES:-0.5 2 10 100}; do
-  flags[temperature-$t]="--prune 0 --posterior-temperature $t"
-  ablations+=("temperature-$t")
+ablations=(prune-none prune-variance prune-snr prune-random
+  temperature-0.5 temperature-2 temperature-10 temperature-100)
+[ -z "${CONFIGS:-}" ] || read -ra ablations <<<"$CONFIGS"
+for label in "${ablations[@]}" "$CONFIG"; do
+  [[ $label != temperature-* ]] ||
+    flags[$label]="--prune 0 --posterior-temperature ${label#temperature-}"
+  [ -n "${flags[$label]:-}" ] || {
+    echo "payoff: no configuration $label (CONFIGS, CONFIG)" >&2
+    exit 2
+  }
 done
 
 # measure LABEL KS MODEL...: serve configuration LABEL, score its arms, stop it.
@@ -79,8 +87,13 @@ case $split in
   validation)
     data=(--data "$DATA/train.jsonl" --holdout 300 --limit "${LIMIT:-50}")
     out=bench/results/likelihood/validation
-    measure prune-none 0,1,2 "$ivon" "$adamw"
-    for label in "${ablations[@]:1}"; do measure "$label" "$(ablation_ks "$label")" "$ivon"; done ;;
+    for label in "${ablations[@]}"; do
+      if [ "$label" = prune-none ]; then
+        measure prune-none 0,1,2 "$ivon" "$adamw"
+      else
+        measure "$label" "$(ablation_ks "$label")" "$ivon"
+      fi
+    done ;;
   test | test-ablations)
     data=(--data "$DATA/test.jsonl" --limit "${LIMIT:-300}")
     out=bench/results/likelihood/test

@@ -43,8 +43,9 @@ def chosen_pairs(results: dict, reference: str) -> list[tuple[str, str]]:
     chosen = []
     for a in results["arms"]:
         label, model, k = a["label"], a["model"], a["k"]
-        first_pair = arm_name(label, model.rpartition("-")[2], k)
-        if model != model.rpartition("-")[2] and first_pair in arms:
+        first_pair_model = model.rpartition("-")[2]
+        first_pair = arm_name(label, first_pair_model, k)
+        if model != first_pair_model and first_pair in arms:
             chosen.append((a["arm"], first_pair))
         if model.endswith("adamw"):
             continue

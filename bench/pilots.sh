@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The pilots that choose the training settings on validation (issues 28 and 29), every run at one
-# budget with the IVON-LoRA authors' recipe otherwise (linear decay to 0, no warm-up, weight decay
-# 0, batch 8; IVON clip 1e-3, beta2 0.99999, hess_init 1e-3). Each run ends by scoring the
+# budget with the IVON-LoRA authors' recipe otherwise (bench/recipe.sh). Each run ends by scoring the
 # validation slice (the last HOLDOUT rows of train, never trained on): validation.json (multiple
 # choice: accuracy, NLL, ECE, Brier; question/answer data: NLL per answer token).
 #   phase 1: AdamW lr in {5e-5 (the authors'), 2e-4, 1e-3}; IVON lr in {0.03 (the authors'), 0.1,
@@ -35,10 +34,10 @@ JOBS=${JOBS:-2}
 IVONSERVE=${IVONSERVE:-.venv/bin/ivonserve}
 PYTHON=${PYTHON:-.venv/bin/python}
 
-common="--data $DATA --mc-form $FORM --holdout $HOLDOUT --steps $STEPS --batch-size 8 --lr-schedule linear
-  --weight-decay 0 --eval-draws 4 --threads 1 --checkpoint-every 25 --seed 0 --no-progress
-  --batching $BATCHING"
-ivon="--optimizer ivon --clip-radius 1e-3 --beta2 0.99999 --hess-init 1e-3"
+source bench/recipe.sh
+common="--data $DATA --mc-form $FORM --holdout $HOLDOUT --steps $STEPS ${recipe[*]} --eval-draws 4
+  --checkpoint-every 25 --batching $BATCHING"
+ivon=${recipe_ivon[*]}
 
 one() {
   local name=${1%%|*} flags=${1#*|}

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # A posterior and its AdamW twin (docs/pay-off.md, docs/training.md): each with the settings the
 # pilots chose on validation (bench/pilots.sh), at the same budget of STEPS steps of batch 8, the
-# authors' recipe otherwise (linear decay to 0, weight decay 0; IVON clip 1e-3, beta2 0.99999,
-# hess_init 1e-3). Side by side with one thread each; resumable (rerun the same command: each run
-# continues from its checkpoint, which is committed as the run goes so another machine can too;
-# progress.json in each folder says how far it is).
+# authors' recipe otherwise (bench/recipe.sh). Side by side with one thread each; resumable
+# (rerun the same command: each run continues from its checkpoint, which is committed as the run
+# goes so another machine can too; progress.json in each folder says how far it is).
 #
 # ARMS picks which of the two to run (default both); a finished run (validation.json) is skipped.
 #   IVON_LR=1.0 IVON_ESS=1e6 ADAMW_LR=1e-3 bash bench/train_pair.sh             # ARC-Easy, 500 steps
@@ -36,11 +35,10 @@ ARMS=${ARMS:-ivon adamw}
 [[ $ARMS != *ivon* ]] || : "${IVON_LR:?the IVON lr chosen by the pilots}" "${IVON_ESS:?the ess}"
 [[ $ARMS != *adamw* ]] || : "${ADAMW_LR:?the AdamW lr chosen by the pilots}"
 
-common=(--data "$DATA" --mc-form "$FORM" --holdout 300 --steps "$STEPS" --batch-size 8
-  --lr-schedule linear --weight-decay 0 --eval-draws 8 --threads 1
-  --checkpoint-every "$CHECKPOINT_EVERY" --seed 0 --no-progress --batching "$BATCHING")
-ivon=(--optimizer ivon --lr "${IVON_LR:-}" --ess "${IVON_ESS:-}" --clip-radius 1e-3
-  --beta2 0.99999 --hess-init 1e-3)
+source bench/recipe.sh
+common=(--data "$DATA" --mc-form "$FORM" --holdout 300 --steps "$STEPS" "${recipe[@]}"
+  --eval-draws 8 --checkpoint-every "$CHECKPOINT_EVERY" --batching "$BATCHING")
+ivon=("${recipe_ivon[@]}" --lr "${IVON_LR:-}" --ess "${IVON_ESS:-}")
 adamw=(--optimizer adamw --lr "${ADAMW_LR:-}")
 
 run() {
