@@ -36,8 +36,8 @@ RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # --- the default posterior, world-readable whatever the checkout's file modes -----------------
 FROM ${PYTHON_IMAGE} AS posterior
-COPY posteriors/smollm2-135m-gsm8k/ /opt/ivonserve/posteriors/smollm2-135m-gsm8k/
-RUN test -f /opt/ivonserve/posteriors/smollm2-135m-gsm8k/posterior.json \
+COPY posteriors/smollm2-135m-gsm8k-epoch/ /opt/ivonserve/posteriors/smollm2-135m-gsm8k-epoch/
+RUN test -f /opt/ivonserve/posteriors/smollm2-135m-gsm8k-epoch/posterior.json \
     && chmod -R a+rX,go-w /opt/ivonserve
 
 # --- the CPU stack in a venv (heavy, rebuilt only when cpu.lock changes) ----------------------
@@ -74,7 +74,7 @@ COPY --from=posterior /opt/ivonserve /opt/ivonserve
 ENV IVONSERVE_HOST=0.0.0.0 \
     IVONSERVE_PORT=8000 \
     IVONSERVE_CACHE_DIR=/cache \
-    IVONSERVE_POSTERIOR=/opt/ivonserve/posteriors/smollm2-135m-gsm8k \
+    IVONSERVE_POSTERIOR=/opt/ivonserve/posteriors/smollm2-135m-gsm8k-epoch \
     HF_HOME=/cache/huggingface \
     VLLM_CACHE_ROOT=/cache/vllm \
     TRITON_CACHE_DIR=/cache/triton \
@@ -123,7 +123,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     IVONSERVE_HOST=0.0.0.0 \
     IVONSERVE_PORT=8000 \
     IVONSERVE_CACHE_DIR=/cache \
-    IVONSERVE_POSTERIOR=/opt/ivonserve/posteriors/smollm2-135m-gsm8k \
+    IVONSERVE_POSTERIOR=/opt/ivonserve/posteriors/smollm2-135m-gsm8k-epoch \
     VLLM_CPU_KVCACHE_SPACE=1 \
     LD_PRELOAD=libtcmalloc_minimal.so.4 \
     HF_HOME=/cache/huggingface \

@@ -69,8 +69,8 @@ trap 'die "line $LINENO: $BASH_COMMAND"' ERR
 exec 9>/var/lock/ivonserve-docker-ci.lock
 flock -w 3600 9 || die "another .ci/docker.sh holds /var/lock/ivonserve-docker-ci.lock"
 
-[[ -f posteriors/smollm2-135m-gsm8k/posterior.json ]] ||
-  die "posteriors/smollm2-135m-gsm8k/posterior.json missing: the image ships that default posterior"
+[[ -f posteriors/smollm2-135m-gsm8k-epoch/posterior.json ]] ||
+  die "posteriors/smollm2-135m-gsm8k-epoch/posterior.json missing: the image ships that default posterior"
 
 # --- 1. engine and compose ------------------------------------------------------------------
 s=$(date +%s)

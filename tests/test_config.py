@@ -49,8 +49,8 @@ def test_flags_override_the_environment(monkeypatch):
     defaults = Settings()
     assert defaults.pool_size == 5  # from the environment
     (spec,) = defaults.posterior_specs()
-    assert str(spec.path).endswith("posteriors/smollm2-135m-gsm8k")
-    assert spec.name == "smollm2-135m-gsm8k" and spec.kind == "posterior"
+    assert str(spec.path).endswith("posteriors/smollm2-135m-gsm8k-epoch")
+    assert spec.name == "smollm2-135m-gsm8k-epoch" and spec.kind == "posterior"
 
 
 def test_config_file_ranks_below_the_environment_and_the_flags(tmp_path, monkeypatch):

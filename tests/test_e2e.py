@@ -1,8 +1,8 @@
 """End to end: `ivonserve serve` as a real process on the packaged SmolLM2-135M, over real HTTP.
 
 The posterior is $IVONSERVE_E2E_POSTERIOR if set, else the repository's default
-posteriors/smollm2-135m-gsm8k. It is copied first, so a training run still writing there cannot
-tear it.
+(DEFAULT_POSTERIOR), served under its folder's name. It is copied first, so a training run still
+writing there cannot tear it.
 Kept cheap: a pool of 2 draws, 2 x 2 candidates of 32 tokens. Runs last (conftest orders e2e
 tests last) after the shared tiny engine is stopped: one vLLM engine at a time.
 """
@@ -22,11 +22,12 @@ import httpx
 import pytest
 from conftest import free_port, stop_live_servers
 
-from ivonserve.config import repo_root
+from ivonserve.config import DEFAULT_POSTERIOR, repo_root
 
 pytestmark = pytest.mark.e2e
 
 E2E_ENV = "IVONSERVE_E2E_POSTERIOR"
+MODEL = Path(DEFAULT_POSTERIOR).name
 POSTERIOR_FILES = (
     "posterior.json",
     "adapter_config.json",
@@ -42,7 +43,7 @@ QUESTION = (
 def e2e_posterior() -> Path:
     if env := os.environ.get(E2E_ENV):
         return Path(env)
-    return repo_root() / "posteriors" / "smollm2-135m-gsm8k"
+    return repo_root() / DEFAULT_POSTERIOR
 
 
 def _command() -> list[str]:
@@ -66,7 +67,7 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
     log = (root / "serve.log").open("w")
     command = [
         *_command(), "serve",
-        "--posterior", f"smollm2-135m-gsm8k={posterior}",
+        "--posterior", f"{MODEL}={posterior}",
         "--pool-size", "2",
         "--port", str(port),
         "--max-model-len", "1024",
@@ -110,7 +111,7 @@ def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_ser
     url, startup_s, _ = smollm2_server
     with httpx.Client(base_url=url, timeout=300) as client:
         card = client.get("/v1/models").json()["data"][0]
-        assert card["id"] == "smollm2-135m-gsm8k" and card["pool_size"] == 2
+        assert card["id"] == MODEL and card["pool_size"] == 2
         body = {
             "prompt": QUESTION,
             "n_models": 2,
@@ -154,7 +155,7 @@ def test_openai_client_on_smollm2(smollm2_server):
     url, _, _ = smollm2_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     reply = client.chat.completions.create(
-        model="smollm2-135m-gsm8k",
+        model=MODEL,
         messages=[{"role": "user", "content": QUESTION}],
         max_tokens=24,
         seed=0,

@@ -39,10 +39,17 @@ from ivonserve.sampler import PruneBy, SamplerConfig
 if typing.TYPE_CHECKING:
     from ivonserve.engine.args import EngineConfig
 
-__all__ = ["RENAMED", "PosteriorSpec", "Settings", "add_cli_arguments", "repo_root"]
+__all__ = [
+    "DEFAULT_POSTERIOR",
+    "RENAMED",
+    "PosteriorSpec",
+    "Settings",
+    "add_cli_arguments",
+    "repo_root",
+]
 
 logger = logging.getLogger("ivonserve.config")
-DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k"
+DEFAULT_POSTERIOR = "posteriors/smollm2-135m-gsm8k-epoch"
 ENV_PREFIX = "IVONSERVE_"
 _NONE_WORDS = {"none", "null", ""}
 # old name -> new name; the old one still works as a flag, variable or file key, with a warning
@@ -57,8 +64,8 @@ def repo_root() -> Path:
 
 
 def default_posterior() -> Path:
-    """``posteriors/smollm2-135m-gsm8k`` under the working directory when it is there, else under
-    the repository this package was installed from, so ``make serve`` works from any directory."""
+    """``DEFAULT_POSTERIOR`` under the working directory when it is there, else under the
+    repository this package was installed from, so ``make serve`` works from any directory."""
     here = Path.cwd() / DEFAULT_POSTERIOR
     return here if here.is_dir() else repo_root() / DEFAULT_POSTERIOR
 
