@@ -14,7 +14,8 @@
 # are batched: a sample near a tie goes the other way), so off-repeat's agreement with off is the
 # floor every arm's agreement is read against. CONCURRENCY requests in flight (default 4: latency under load, and the
 # requests per second of each arm). One server (the default posterior, MAX_IN_FLIGHT 4) serves
-# every arm; URL=... measures a running one instead.
+# every arm; URL=... measures a running one instead. REPLAY="DIR ..." (bench/early_stop_replay.py
+# folders) draws their replayed thresholds behind the live arms in the plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,4 +71,6 @@ for dataset in $DATASETS; do
   done
   arm off-repeat "$dataset" --early-stop off
 done
-.venv/bin/python bench/early_stop_tables.py "$OUT"
+replays=()
+for folder in ${REPLAY:-}; do replays+=(--replay "$folder"); done
+.venv/bin/python bench/early_stop_tables.py "$OUT" "${replays[@]}"

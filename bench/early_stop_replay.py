@@ -177,16 +177,18 @@ def write_plot(out: Path, rows: list[dict]) -> None:
     fig, axis = plt.subplots(figsize=(5, 3.5))
     for grid in sorted({r["grid"] for r in rows}):
         conf = [r for r in rows if r["grid"] == grid and r["rule"].startswith("confidence-")]
-        axis.plot([r["tokens_saved"] for r in conf], [r["same_answer_as_off"] for r in conf],
-                  "o-", label=f"confidence {grid}")  # fmt: skip
-        for r in conf:
-            axis.annotate(r["rule"].removeprefix("confidence-"),
-                          (r["tokens_saved"], r["same_answer_as_off"]), fontsize=7)  # fmt: skip
+        x = [100 * r["same_answer_as_off"] for r in conf]
+        y = [100 * r["tokens_saved"] for r in conf]
+        axis.plot(x, y, "o-", label=f"confidence {grid}")
+        for r, xi, yi in zip(conf, x, y, strict=True):
+            axis.annotate(r["rule"].removeprefix("confidence-"), (xi, yi), fontsize=7)
         for r in rows:
             if r["grid"] == grid and r["rule"].startswith("exact"):
-                axis.plot(r["tokens_saved"], r["same_answer_as_off"], "s", label=f"exact {grid}")
-    axis.set_xlabel("generated tokens saved against off")
-    axis.set_ylabel("same answer as off")
+                axis.plot(100 * r["same_answer_as_off"], 100 * r["tokens_saved"], "*",
+                          markersize=12, label=f"exact {grid}")  # fmt: skip
+    axis.set_xlabel("answers identical to off (%)")
+    axis.set_ylabel("generated tokens saved against off (%)")
+    axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "replay.png", dpi=120)

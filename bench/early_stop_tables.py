@@ -7,11 +7,13 @@ p50/p95, candidates stopped, and requests per second where the whole arm ran in 
 `off-repeat` (off run again) measures how often off agrees with itself: the real model's seeded
 samples are not bit-reproducible from run to run, and that floor bounds every arm's agreement.
 
-    python bench/early_stop_tables.py bench/results/early-stop [--out DIR]
+    python bench/early_stop_tables.py bench/results/early-stop [--out DIR] [--replay DIR ...]
 
 Writes DIR/report.md (one table per dataset and grid point), DIR/early_stop.json and
 DIR/early_stop.png (tokens saved against agreement with off, the confidence arms across their
-thresholds as a line, exact as its own marker). DIR defaults to the results folder.
+thresholds as a line, exact and off-repeat as their own markers; each --replay folder of
+bench/early_stop_replay.py adds its dataset's replayed thresholds behind them as a dashed line).
+DIR defaults to the results folder.
 """
 
 from __future__ import annotations
@@ -124,37 +126,57 @@ def table(dataset: str, rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def plot(path: Path, by_dataset: dict[str, list[dict]]) -> None:
+def load_replays(folders: list[Path]) -> dict[str, list[dict]]:
+    """bench/early_stop_replay.py's rows by dataset: every threshold, replayed from one off run."""
+    replays: dict[str, list[dict]] = {}
+    for folder in folders:
+        summary = json.loads((folder / "replay.json").read_text())
+        rows = [r for r in summary["rows"] if "tokens_saved" in r]  # the check row has none
+        replays.setdefault(summary["dataset"], []).extend(rows)
+    return replays
+
+
+def plot(path: Path, by_dataset: dict[str, list[dict]], replays: dict[str, list[dict]]) -> None:
+    """Tokens saved against agreement with off: the live arms as filled markers, a dataset's
+    replay (every threshold, no run-to-run noise) as a dashed line of hollow ones behind them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axis = plt.subplots(figsize=(6, 4))
+    colours = {d: f"C{i}" for i, d in enumerate(sorted({*by_dataset, *replays}))}
+    fig, axis = plt.subplots(figsize=(6.5, 4.2))
+    for dataset, rows in replays.items():
+        for grid in sorted({r["grid"] for r in rows}):
+            conf = [r for r in rows if r["grid"] == grid and r["rule"].startswith("confidence-")]
+            x = [100 * r["same_answer_as_off"] for r in conf]
+            y = [100 * r["tokens_saved"] for r in conf]
+            axis.plot(x, y, "o--", mfc="none", alpha=0.6, color=colours[dataset],
+                      label=f"{dataset} {grid} confidence, replayed")  # fmt: skip
+            for r, xi, yi in zip(conf, x, y, strict=True):
+                axis.annotate(r["rule"].removeprefix("confidence-"), (xi, yi), fontsize=7,
+                              color=colours[dataset], alpha=0.7)  # fmt: skip
     for dataset, rows in by_dataset.items():
         for grid in sorted({r["grid"] for r in rows}):
             at = [r for r in rows if r["grid"] == grid]
-            label = f"{dataset} {grid}"
+            label, colour = f"{dataset} {grid}", colours[dataset]
             conf = [r for r in at if r["arm"].startswith("confidence-")]
             if conf:
                 x = [100 * r["same_answer"] for r in conf]
                 y = [100 * r["tokens_saved"] for r in conf]
-                (line,) = axis.plot(x, y, "o-", label=f"{label} confidence")
+                axis.plot(x, y, "o-", color=colour, label=f"{label} confidence, live")
                 for r, xi, yi in zip(conf, x, y, strict=True):
                     axis.annotate(r["arm"].removeprefix("confidence-"), (xi, yi), fontsize=7)
-                colour = line.get_color()
-            else:
-                colour = None
             for r in at:
                 if r["arm"] == "exact":
                     axis.plot(
                         100 * r["same_answer"], 100 * r["tokens_saved"], "*", markersize=12,
-                        color=colour, label=f"{label} exact",
+                        color=colour, label=f"{label} exact, live",
                     )  # fmt: skip
                 if r["arm"] == REPEAT:  # off against itself: the floor of agreement
                     axis.plot(
                         100 * r["same_answer"], 100 * r["tokens_saved"], "x", markersize=9,
-                        color=colour or "grey", label=f"{label} off again",
+                        color=colour, label=f"{label} off again, live",
                     )  # fmt: skip
     axis.set_xlabel("answers identical to off (%)")
     axis.set_ylabel("generated tokens saved against off (%)")
@@ -169,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="bench/early_stop.sh's folder (datasets)")
     parser.add_argument("--out", type=Path, help="where to write (default: the results folder)")
+    parser.add_argument("--replay", type=Path, action="append", default=[], metavar="DIR",
+                        help="a bench/early_stop_replay.py folder whose thresholds the plot "
+                        "draws behind the live arms (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += table(dataset, rows)
     (out / "report.md").write_text("\n".join(lines))
     (out / "early_stop.json").write_text(json.dumps(by_dataset, indent=2) + "\n")
-    plot(out / "early_stop.png", by_dataset)
+    plot(out / "early_stop.png", by_dataset, load_replays(args.replay))
     print("\n".join(lines))
     print(f"wrote {out / 'report.md'}, {out / 'early_stop.png'}")
     return 0
