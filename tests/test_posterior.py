@@ -73,6 +73,25 @@ def test_variance_is_ivons_sampling_rule(saved):
     assert torch.allclose(post.variance(0.25)[key], 0.25 * expected)
 
 
+def test_set_ess_rescales_every_sigma_and_leaves_the_weights(saved, capsys):
+    from ivonserve.cli import main
+
+    before = Posterior.load(saved)
+    files = ("adapter_model.safetensors", "hessian.safetensors")
+    tensors = {f: (saved / f).read_bytes() for f in files}
+    assert main(["posterior", "set-ess", str(saved), "1e6"]) == 0
+    assert "ess 10000 -> 1e+06 (every sigma x 0.1)" in capsys.readouterr().out
+    after = Posterior.load(saved)
+    assert after.ess == 1e6 and after.training == before.training
+    assert {f: (saved / f).read_bytes() for f in tensors} == tensors
+    key = before.keys[0]
+    assert torch.allclose(after.sigma()[key], 0.1 * before.sigma()[key])
+    for bad in ("0", "-1", "nan"):
+        assert main(["posterior", "set-ess", str(saved), bad]) == 2
+        assert f"ivonserve: error: ess: must be > 0, got {float(bad)}" in capsys.readouterr().err
+    assert Posterior.load(saved).ess == 1e6  # a refused value changes nothing
+
+
 def test_mean_folder_is_a_plain_peft_adapter(saved, model_dir, trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,4 @@
-"""`ivonserve serve | train | prepare-model | posterior inspect | sample | bench`.
+"""`ivonserve serve | train | prepare-model | posterior inspect | set-ess | sample | bench`.
 
 Each subcommand parses its flags here and calls one function of its module; user errors
 (IvonserveError) print as one line on stderr with exit code 2, never as a stack trace.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,21 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
 
 
 def _add_posterior(commands) -> None:
-    sub = commands.add_parser("posterior", help="inspect a posterior folder")
+    sub = commands.add_parser("posterior", help="inspect a posterior folder or set its ess")
     actions = sub.add_subparsers(title="actions")
     inspect = _command(actions, "inspect", _run_inspect, "ess, sizes, sigma and SNR statistics")
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    set_ess = _command(
+        actions,
+        "set-ess",
+        _run_set_ess,
+        "sample at another spread: rewrite posterior.json's ess (sigma^2 = 1 / (ess (h + weight "
+        "decay))); the weights stay, and a trained posterior keeps its training ess in "
+        "training.config.ess",
+    )
+    set_ess.add_argument("dir", type=Path)
+    set_ess.add_argument("ess", type=float, help="the new ess (> 0; inf: every draw is the mean)")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -185,6 +196,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
     rows |= {f"sigma {k}": v for k, v in stats["sigma_by_module"].items()}
     for name, q in rows.items():
         print(f"  {name:<24}" + "".join(f"{q[k]:>11.4g}" for k in ("min", "median", "max")))
+    return 0
+
+
+def _run_set_ess(args: argparse.Namespace) -> int:
+    from ivonserve.posterior import Posterior
+
+    if not args.ess > 0:
+        raise IvonserveError(f"ess: must be > 0, got {args.ess}")
+    posterior = Posterior.load(args.dir)
+    replace(posterior, ess=args.ess).save_metadata(args.dir)
+    factor = math.sqrt(posterior.ess / args.ess)
+    print(f"{args.dir}: ess {posterior.ess:g} -> {args.ess:g} (every sigma x {factor:.4g})")
     return 0
 
 

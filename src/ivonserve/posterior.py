@@ -141,6 +141,12 @@ class Posterior:
         path.mkdir(parents=True, exist_ok=True)
         write_adapter(path, self.mean, self.adapter_config)
         _atomic_save_tensors(self.hess, path / HESSIAN)
+        self.save_metadata(path)
+        return path
+
+    def save_metadata(self, path: str | Path) -> Path:
+        """posterior.json alone: a new ess (the sampling spread) leaves the tensors' files as
+        they were."""
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -149,8 +155,8 @@ class Posterior:
             "base_model": self.base_model,
             "training": self.training,
         }
-        _atomic_write_text(path / METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        return path
+        _atomic_write_text(Path(path) / METADATA, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return Path(path)
 
     @classmethod
     def from_ivon(
