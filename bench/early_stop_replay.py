@@ -61,11 +61,11 @@ def replay(row: dict, policy: StopPolicy, method: str, max_tokens: int) -> Outco
     finished: list[int] = []
     for step, group in groupby(order, key=lambda i: slots[i][2]):
         for i in order:  # running candidates: their log-probability so far (interpolated)
-            _, _, tokens, logprob, _, _ = slots[i]
+            _, _, tokens, logprob, *_ = slots[i]
             if tokens > step and logprob is not None:  # longer than the step: still running
                 tracker.progress(i, logprob * step / tokens)
         for i in group:
-            _, _, tokens, logprob, _, text = slots[i]
+            _, _, tokens, logprob, _, text, *_ = slots[i]
             tracker.finished(i, text, logprob, tokens)
             finished.append(i)
         if len(finished) < len(slots) and tracker.should_stop():

@@ -134,7 +134,7 @@ def _fake_run(folder: Path, label: str, grid: str, correct: list[bool]) -> Path:
 
 
 def test_mcnemar_on_hand_made_cases():
-    from ivonserve.bench.compare import mcnemar_exact
+    from ivonserve.bench.stats import mcnemar_exact
 
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(5, 5) == 1.0

@@ -271,11 +271,17 @@ class _DeprecatedFlag(argparse.Action):
 
 
 def _add_bench(commands) -> None:
-    from ivonserve.bench import compare, gsm8k, likelihood, mc
+    from ivonserve.bench import compare, gsm8k, likelihood, mc, tts
 
     sub = commands.add_parser("bench", help="benchmarks against a running server")
     kinds = sub.add_subparsers(title="benchmarks")
-    benches = (("gsm8k", gsm8k), ("likelihood", likelihood), ("mc", mc), ("compare", compare))
+    benches = (
+        ("gsm8k", gsm8k),
+        ("likelihood", likelihood),
+        ("mc", mc),
+        ("compare", compare),
+        ("tts", tts),
+    )
     for name, module in benches:
         summary = " ".join(module.__doc__.split("\n\n")[0].split())
         module.add_cli_arguments(_command(kinds, name, module.run_cli, summary))

@@ -1,5 +1,5 @@
-"""What the HTTP benchmark clients share: the data, resumable records, the server check, and
-bootstrap intervals."""
+"""What the HTTP benchmark clients share: the data, resumable records and the server check
+(their statistics: ``stats``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,35 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from ivonserve.answers import extract_answer, gsm8k_answer_to_target
 from ivonserve.errors import IvonserveError
 
 RECORDS = "records.jsonl"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    n_models: int
+    n_samples: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.n_models}x{self.n_samples}"
+
+    @property
+    def candidates(self) -> int:
+        return max(1, self.n_models) * self.n_samples
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--grid") -> GridPoint:
+        try:
+            models, samples = (int(part) for part in text.lower().split("x"))
+        except ValueError:
+            raise IvonserveError(f"{flag}: {text!r} is not MODELSxSAMPLES (e.g. 4x8)") from None
+        if models < 0 or samples < 1:
+            raise IvonserveError(f"{flag}: {text!r} needs n_models >= 0 and n_samples >= 1")
+        return cls(models, samples)
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,16 @@ def load_records(path: Path, key: Callable[[dict], Hashable]) -> dict[Hashable, 
                 continue
             done[key(row)] = row
     return done
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a run killed mid-write), so that the next append starts a line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 async def check_server(client: httpx.AsyncClient, url: str) -> None:
@@ -184,22 +217,3 @@ def add_scoring_arguments(parser: Any, data_help: str, out: str, concurrency: in
     parser.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
     parser.add_argument("--out", default=out, help="results folder")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def bootstrap_ci(
-    numerator: np.ndarray,
-    denominator: np.ndarray | None = None,
-    resamples: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> list[float]:
-    """Percentile interval of sum(numerator) / sum(denominator) (the mean when no denominator)
-    over questions resampled with replacement. One seed draws the same resamples for every
-    statistic, so statistics of the same questions stay paired."""
-    numerator = np.asarray(numerator, dtype=np.float64)
-    denominator = np.ones_like(numerator) if denominator is None else np.asarray(denominator)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, numerator.size, (resamples, numerator.size))
-    values = numerator[picks].sum(axis=1) / denominator[picks].sum(axis=1)
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ivonserve.bench.common import RECORDS, load_records
-from ivonserve.bench.gsm8k import GridPoint, calibration, wilson_interval
+from ivonserve.bench.gsm8k import GridPoint, calibration
+from ivonserve.bench.stats import mcnemar_exact, wilson_interval
 from ivonserve.errors import IvonserveError
 
 
@@ -33,15 +33,6 @@ class ArmRecords:
     @property
     def name(self) -> str:
         return f"{self.label} {self.grid}"
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts b and c."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def load_run(folder: Path) -> tuple[dict, list[ArmRecords]]:

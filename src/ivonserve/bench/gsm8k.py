@@ -11,9 +11,9 @@ import argparse
 import asyncio
 import hashlib
 import json
-import math
+import shlex
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,41 +21,21 @@ import httpx
 import numpy as np
 
 from ivonserve.answers import normalize_answer
+from ivonserve.bench.bank import bank_settings, open_bank
 from ivonserve.bench.common import (
     RECORDS,
+    GridPoint,
     Question,
     check_server,
+    drop_torn_tail,
     load_questions,
     load_records,
     served_models,
 )
+from ivonserve.bench.stats import wilson_interval
 from ivonserve.errors import IvonserveError
 
 DEFAULT_GRID = "0x1,1x8,4x8,8x8"
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    n_models: int
-    n_samples: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.n_models}x{self.n_samples}"
-
-    @property
-    def candidates(self) -> int:
-        return max(1, self.n_models) * self.n_samples
-
-    @classmethod
-    def parse(cls, text: str) -> GridPoint:
-        try:
-            models, samples = (int(part) for part in text.lower().split("x"))
-        except ValueError:
-            raise IvonserveError(f"--grid: {text!r} is not MODELSxSAMPLES (e.g. 4x8)") from None
-        if models < 0 or samples < 1:
-            raise IvonserveError(f"--grid: {text!r} needs n_models >= 0 and n_samples >= 1")
-        return cls(models, samples)
 
 
 def request_body(point: GridPoint, question: Question, args: argparse.Namespace) -> dict:
@@ -134,11 +114,12 @@ async def run_point(
             "n_stopped": body.get("n_stopped"),
             "chosen": [body.get("chosen_model"), body.get("chosen_sample")],
             "text_sha": text_digest(body.get("text")),
+            "seed": body.get("seed"),
         }
-        if args.candidates:  # what bench/early_stop_replay.py replays the rules on
+        if args.candidates:  # a bank's candidates, as bank.CANDIDATE_FIELDS
             row["candidates"] = [
                 [c.get("draw", c.get("model")), c["sample"], c["tokens"], c["logprob"],
-                 c["finish_reason"], c["text"]]
+                 c["finish_reason"], c["text"], c.get("answer")]
                 for c in body.get("candidates", [])
             ]  # fmt: skip
         sink.write(json.dumps(row) + "\n")
@@ -151,16 +132,6 @@ async def run_point(
     finally:
         bar.close()
     return time.perf_counter() - began
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval: sane at 0% and 100%, unlike the normal approximation."""
-    if total == 0:
-        return (0.0, 0.0)
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
@@ -296,9 +267,10 @@ def write_plots(out: Path, points: list[dict]) -> None:
 async def run(args: argparse.Namespace) -> dict:
     questions = load_questions(Path(args.data), args.limit)
     grid = [GridPoint.parse(part) for part in args.grid.split(",") if part.strip()]
+    if args.candidates and len(grid) != 1:
+        raise IvonserveError("--candidates: a bank holds one grid point; give --grid one point")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    done = load_done(out / RECORDS)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     summaries = []
     async with httpx.AsyncClient(base_url=args.url, timeout=timeout) as client:
@@ -310,6 +282,14 @@ async def run(args: argparse.Namespace) -> dict:
             raise IvonserveError(
                 f"--model {args.model!r}: not served by {args.url} (it serves {', '.join(served)})"
             )
+        if args.candidates:
+            settings = bank_settings(
+                args, served[args.model], request_body(grid[0], questions[0], args)
+            )
+            command = getattr(args, "command_line", "(bench.gsm8k.run from Python)")
+            open_bank(out, settings, command, len(questions))
+        drop_torn_tail(out / RECORDS)
+        done = load_done(out / RECORDS)
         with (out / RECORDS).open("a") as sink:
             for point in grid:
                 todo = [q for q in questions if (point.label, q.index) not in done]
@@ -368,8 +348,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--candidates",
         action="store_true",
-        help="ask for every candidate and keep [draw, sample, tokens, logprob, finish_reason, "
-        "text] of each in the records (bench/early_stop_replay.py replays stopping rules on them)",
+        help="make --out a candidate bank (one grid point): keep every candidate as [draw, sample, "
+        "tokens, logprob, finish_reason, text, answer], the settings and the served model's card "
+        "in bank.json; `bench tts` and bench/early_stop_replay.py replay it",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--out", default="bench/results/gsm8k", help="results folder")
@@ -377,6 +358,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    args.command_line = shlex.join(["ivonserve", *sys.argv[1:]])  # what a bank records
     results = asyncio.run(run(args))
     for s in results["points"]:
         low, high = s["accuracy_ci95"]

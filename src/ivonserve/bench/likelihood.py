@@ -34,11 +34,11 @@ from ivonserve.bench.common import (
     ServedArms,
     add_scoring_arguments,
     add_server_run,
-    bootstrap_ci,
     load_questions,
     load_records,
     score_into_records,
 )
+from ivonserve.bench.stats import bootstrap_ci
 from ivonserve.errors import IvonserveError
 from ivonserve.predictive import sequence_predictive
 

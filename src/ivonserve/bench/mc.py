@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from ivonserve.bench.common import (
     score_into_records,
 )
 from ivonserve.bench.likelihood import parse_ks
+from ivonserve.bench.stats import bootstrap
 from ivonserve.choices import FORMS, MCQuestion, load_mc
 from ivonserve.errors import IvonserveError
 
@@ -125,16 +125,6 @@ def _held(arm: Arm, records: dict) -> dict[int, dict]:
         for (label, model, n, index), row in records.items()
         if (label, model) == (arm.label, arm.model) and (n == 0) == (arm.k == 0) and n >= arm.k
     }
-
-
-def bootstrap(
-    statistic: Callable[[np.ndarray], float], n: int, seed: int, resamples: int = 2000
-) -> list[float]:
-    """95% percentile interval of ``statistic(indices)`` over questions resampled with
-    replacement; one seed gives every statistic the same resamples (paired)."""
-    rng = np.random.default_rng(seed)
-    values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
 def _metric(values: calibration.PerQuestion, name: str, picks: np.ndarray) -> float:
