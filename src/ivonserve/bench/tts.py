@@ -357,6 +357,7 @@ def write_plot(out: Path, results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     selectors = results["selectors"]
     fig, axes = plt.subplots(1, len(selectors), figsize=(5.5 * len(selectors), 4.5), sharey=True,
@@ -383,6 +384,7 @@ def write_plot(out: Path, results: dict) -> None:
                                   [p["accuracy_ci95"][1] * 100 for p in line], color=color,
                                   alpha=0.08)  # fmt: skip
         axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_xlabel("candidates per question (K draws x S samples)")
         axis.set_title(selector)
         axis.grid(alpha=0.3)
