@@ -105,3 +105,108 @@ def write_mc_data(path: Path) -> Path:
 def write_train_data(path: Path) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in TRAIN_ROWS))
     return path
+
+
+# --- another architecture, and IVON trained the ways users train it (docs/your-own-model.md) ---
+LORA_TARGETS = ["q_proj", "v_proj"]  # the IVON-LoRA authors'
+
+
+def make_tiny_qwen2(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 (biased q/k/v projections, tied embeddings, as Qwen2's small models)
+    with the same tokenizer and head_dim 32: the second architecture served end to end."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(out)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def peft_model(model_dir: Path, seed: int = 0, **lora):
+    """The base model in float32 with a fresh LoRA adapter, as a user's script makes it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = {"r": 8, "lora_alpha": 16, "target_modules": LORA_TARGETS, "lora_dropout": 0.0,
+              "task_type": "CAUSAL_LM"} | lora  # fmt: skip
+    return get_peft_model(base, LoraConfig(**config))
+
+
+def training_rows(model_dir: Path) -> list[dict]:
+    """TRAIN_ROWS as chat-formatted token ids, the loss on the answer (ivonserve's encoding)."""
+    from transformers import AutoTokenizer
+
+    from ivonserve.answers import gsm8k_answer_to_target
+    from ivonserve.train import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        encode_example(tokenizer, row["question"], gsm8k_answer_to_target(row["answer"]), 64)
+        for row in TRAIN_ROWS
+    ]
+
+
+def ivon(groups, **overrides):
+    """ivon-opt's IVON with a short run's settings (beta2 0.99: h moves in a few steps)."""
+    import ivon as ivon_opt
+
+    settings = {"lr": 0.05, "ess": 1e4, "hess_init": 1e-3, "beta2": 0.99, "weight_decay": 1e-6,
+                "clip_radius": 1e-2, "rescale_lr": False} | overrides  # fmt: skip
+    return ivon_opt.IVON(groups, **settings)
+
+
+def ivon_loop(model, optimizer, rows: list[dict], steps: int = 3):
+    """The IVON-LoRA authors' loop (finetune.py): a weight sample per step, gradients zeroed
+    inside it (IVON does not), one step."""
+    from ivonserve.train import collate
+
+    batch = collate(rows, pad_id=0)
+    for _ in range(steps):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+        optimizer.step()
+    return optimizer
+
+
+def ivon_trainer(
+    model, optimizer, rows: list[dict], out: Path, callbacks: list, steps: int = 4, **settings
+):
+    """ivonserve's IVONTrainer (a transformers.Trainer) with IVON passed through ``optimizers=``;
+    ``settings``: more TrainingArguments."""
+    from transformers import TrainingArguments
+
+    from ivonserve.train import collate
+    from ivonserve.trainer_callback import IVONTrainer
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, save_steps=2, per_device_train_batch_size=2,
+        report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+        logging_steps=1, seed=0, **settings,
+    )  # fmt: skip
+    return IVONTrainer(
+        model=model, args=args, train_dataset=rows, data_collator=lambda b: collate(b, 0),
+        optimizers=(optimizer, None), callbacks=callbacks,
+    )  # fmt: skip

@@ -31,6 +31,7 @@ from ivonserve.errors import IvonserveError
 
 LETTERS = "ABCDE"
 FORMS = ("letter", "text")
+DEFAULT_FORM = "letter"  # where neither the request nor the posterior's record names one
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
 INSTRUCTION = "Answer with the letter of the correct choice."
 
@@ -107,6 +108,21 @@ def letter_token_ids(tokenizer: Any, n_choices: int) -> list[int]:
             raise IvonserveError(f"the tokenizer splits the answer letter {letter!r}: {encoded}")
         ids.append(int(encoded[0]))
     return ids
+
+
+def recorded_form(training: dict[str, Any]) -> str | None:
+    """The answer form a posterior was trained to answer multiple choice in, from its own
+    record (posterior.json's ``training``, an adapter's training.json): ``letter`` or
+    ``text``; None where the record does not say it was trained on multiple choice (then
+    whoever reads it uses their own default, ``letter``). ``ivonserve train`` records the
+    resolved ``format`` beside its ``config`` (whose ``format`` may say ``auto``);
+    ``posterior import --mc-form`` records ``format`` and ``mc_form``."""
+    config = training.get("config")
+    config = config if isinstance(config, dict) else {}
+    if training.get("format", config.get("format")) != "mc":
+        return None
+    form = training.get("mc_form", config.get("mc_form", "letter"))
+    return form if form in FORMS else None
 
 
 def is_mc_row(row: Any) -> bool:

@@ -114,6 +114,7 @@ def prepare_pool(
     workdir: Path,
 ) -> PreparedPool:
     """Load one posterior, check it fits the base model, write its mean and K draws."""
+    from ivonserve.choices import recorded_form
     from ivonserve.posterior import load_served
     from ivonserve.sampler import Sampler
 
@@ -133,6 +134,7 @@ def prepare_pool(
             "kind": spec.kind,
             "ess": posterior.ess,
             "base_model": posterior.base_model,
+            "mc_form": recorded_form(posterior.training),  # /score/choices' default: its record
             "posterior_temperature": sampler_config.posterior_temperature,
             "prune": sampler_config.prune,
             "prune_by": sampler_config.prune_by,

@@ -29,6 +29,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HESSIAN = "hessian.safetensors"
 METADATA = "posterior.json"
+TRAINING_RECORD = "training.json"  # a plain adapter's (AdamW's) record of its training
+IVON_LIVE = "the IVON optimizer"  # what an error names when the state is a live optimizer's
+# The hyperparameters of an IVON group that posterior.json's training block records.
+IVON_HYPERPARAMETERS = (
+    "lr", "ess", "weight_decay", "hess_init", "beta1", "beta2", "clip_radius", "mc_samples",
+    "numel",
+)  # fmt: skip
 
 
 @dataclass
@@ -94,7 +101,8 @@ class Posterior:
         mean = _read_tensors(path / ADAPTER_WEIGHTS)
         _check_finite(mean, where=str(path / ADAPTER_WEIGHTS))
         hess = {k: torch.zeros_like(v) for k, v in mean.items()}
-        return cls(mean, hess, config, ess=math.inf, weight_decay=0.0, base_model=None)
+        training = adapter_training_record(path)
+        return cls(mean, hess, config, ess=math.inf, weight_decay=0.0, training=training)
 
     @classmethod
     def load(cls, path: str | Path) -> Posterior:
@@ -168,36 +176,78 @@ class Posterior:
         training: dict[str, Any] | None = None,
         adapter_name: str = "default",
     ) -> Posterior:
-        """Slice IVON's flat per-group ``hess`` back into one tensor per LoRA parameter.
+        """A live PEFT model and its IVON optimizer: the mean from the parameters, h from each
+        group's flat ``hess``, matched to the parameters by identity.
 
-        IVON keeps h in ``param_groups[g]["hess"]``, the group's params flattened in order.
         Call this outside ``optimizer.sampled_params()``, where ``p.data`` is the mean, not a
         sample.
         """
-        names = {id(p): n for n, p in peft_model.named_parameters()}
+        names = {id(p): _saved_key(n, adapter_name) for n, p in peft_model.named_parameters()}
         mean: dict[str, torch.Tensor] = {}
-        hess: dict[str, torch.Tensor] = {}
-        ess = weight_decay = None
-        for group in optimizer.param_groups:
-            flat = group["hess"]
-            offset = 0
+        groups = []
+        for number, group in enumerate(optimizer.param_groups):
+            if "hess" not in group:
+                raise PosteriorError(f"{IVON_LIVE}: param group {number} has no 'hess': not IVON")
+            keys = []
             for param in group["params"]:
-                key = _saved_key(names[id(param)], adapter_name)
-                count = param.numel()
-                mean[key] = param.detach().to(torch.float32).cpu().clone()
-                hess[key] = flat[offset : offset + count].view_as(param).float().cpu().clone()
-                offset += count
-            if offset != flat.numel():
-                raise PosteriorError(f"IVON group hess has {flat.numel()} entries, params {offset}")
-            ess, weight_decay = group["ess"], group["weight_decay"]
-        config = peft_model.peft_config[adapter_name].to_dict()
+                if id(param) not in names:
+                    raise PosteriorError(
+                        f"{IVON_LIVE}: param group {number} holds a parameter the model does not"
+                    )
+                keys.append(names[id(param)])
+                mean[keys[-1]] = param.detach().to(torch.float32).cpu().clone()
+            groups.append(IvonGroup(keys, group["hess"], group["ess"], group["weight_decay"]))
+        return cls.from_groups(
+            mean,
+            groups,
+            lora_config_dict(peft_model.peft_config[adapter_name]),
+            base_model=base_model,
+            training=training,
+            where=IVON_LIVE,
+        )
+
+    @classmethod
+    def from_groups(
+        cls,
+        mean: dict[str, torch.Tensor],
+        groups: list[IvonGroup],
+        adapter_config: dict[str, Any],
+        *,
+        base_model: str | None,
+        training: dict[str, Any] | None,
+        where: str,
+    ) -> Posterior:
+        """The one path from IVON's groups to a posterior, live (``from_ivon``) or from a saved
+        state (``posterior_import``), so that both write the same bytes.
+
+        IVON keeps h flat per group, its parameters in the group's order. The posterior holds
+        one ess and one weight decay, the first group's; a group with others has its h
+        re-expressed at them, h' = ess_g (h_g + wd_g) / ess - wd, so that every entry's sigma is
+        still ivon-opt's own 1 / sqrt(ess_g (h_g + wd_g)). ``base_model`` defaults to the
+        adapter config's ``base_model_name_or_path``.
+        """
+        ess, weight_decay = float(groups[0].ess), float(groups[0].weight_decay)
+        hess: dict[str, torch.Tensor] = {}
+        for number, group in enumerate(groups):
+            _check_lora_only(group.keys, where)
+            sizes = [mean[key].numel() for key in group.keys]
+            if group.hess.numel() != sum(sizes):
+                raise PosteriorError(
+                    f"{where}: param group {number} holds {group.hess.numel()} hess entries, "
+                    f"its {len(sizes)} parameters {sum(sizes)}"
+                )
+            flat = _hess_at(group, ess, weight_decay)
+            for key, piece in zip(group.keys, flat.split(sizes), strict=True):
+                hess[key] = piece.reshape(mean[key].shape).float().cpu().clone()
+        _check_finite(hess, where=where)
+        _check_precision(hess, weight_decay, where=where)
         return cls(
             mean,
             hess,
-            _json_safe(config),
-            ess=float(ess),
-            weight_decay=float(weight_decay),
-            base_model=base_model,
+            adapter_config,
+            ess=ess,
+            weight_decay=weight_decay,
+            base_model=base_model or adapter_config.get("base_model_name_or_path") or None,
             training=training or {},
         )
 
@@ -227,6 +277,68 @@ class Posterior:
             },
             "training": self.training,
         }
+
+
+@dataclass(frozen=True)
+class IvonGroup:
+    """One IVON parameter group: its parameters' saved keys in the group's order, its flat h,
+    and the ess and weight decay its sampling rule uses."""
+
+    keys: list[str]
+    hess: torch.Tensor
+    ess: float
+    weight_decay: float
+
+
+def save_posterior(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    out_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    training: dict[str, Any] | None = None,
+    adapter_name: str = "default",
+) -> Path:
+    """Write the posterior folder of a live PEFT model and its ivon-opt ``IVON`` optimizer: the
+    one line a training loop of one's own adds (outside ``sampled_params``). ``base_model``:
+    the name posterior.json records (default: the adapter config's base_model_name_or_path);
+    ``training``: more to record beside the optimizer's hyperparameters.
+    ``ivonserve posterior import`` of the same adapter and ``optimizer.state_dict()`` writes
+    the same bytes."""
+    record = ivon_record(optimizer.param_groups) | (training or {})
+    posterior = Posterior.from_ivon(
+        model, optimizer, base_model=base_model, training=record, adapter_name=adapter_name
+    )
+    return posterior.save(out_dir)
+
+
+def ivon_record(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """posterior.json's training block from IVON's groups: the hyperparameters each group
+    holds, live or in a saved state alike (so both routes record the same)."""
+    return {
+        "optimizer": "ivon",
+        "ivon_param_groups": [
+            {k: _json_number(group[k]) for k in IVON_HYPERPARAMETERS if k in group}
+            for group in groups
+        ],
+    }
+
+
+def lora_config_dict(config: Any) -> dict[str, Any]:
+    """A peft ``LoraConfig`` as the adapter_config.json of a posterior: plain JSON, in
+    inference mode (as peft's own ``save_pretrained`` writes it)."""
+    return _json_safe(config.to_dict()) | {"inference_mode": True}
+
+
+def adapter_training_record(path: Path) -> dict[str, Any]:
+    """What a plain adapter folder records of its training: its training.json (an AdamW run of
+    ``ivonserve train``), or the training block of a posterior folder served as an adapter."""
+    for name, key in ((TRAINING_RECORD, None), (METADATA, "training")):
+        if (path / name).is_file():
+            record = _read_json(path / name)
+            record = record.get(key) if key else record
+            return record if isinstance(record, dict) else {}
+    return {}
 
 
 def load_served(path: str | Path, kind: str, model_dir: Path) -> Posterior:
@@ -297,6 +409,34 @@ def write_adapter(path: Path, weights: dict[str, torch.Tensor], config: dict[str
 def _saved_key(param_name: str, adapter_name: str) -> str:
     """Peft drops the adapter name in saved keys: ``lora_A.default.weight`` -> ``lora_A.weight``."""
     return param_name.replace(f".{adapter_name}.", ".")
+
+
+def _hess_at(group: IvonGroup, ess: float, weight_decay: float) -> torch.Tensor:
+    """A group's h at another ess and weight decay, with the same precision ess (h + wd)."""
+    if (float(group.ess), float(group.weight_decay)) == (ess, weight_decay):
+        return group.hess
+    precision = float(group.ess) * (group.hess.double() + float(group.weight_decay))
+    return precision / ess - weight_decay
+
+
+def _check_lora_only(keys: list[str], where: str) -> None:
+    """A posterior holds LoRA A and B weights; vLLM serves nothing else of an adapter."""
+    for key in keys:
+        if not any(f".{part}." in key for part in ("lora_A", "lora_B")):
+            raise PosteriorError(
+                f"{where}: trainable parameter {key!r} is not a LoRA A or B weight "
+                "(modules_to_save, DoRA, a bias, trainable tokens): a posterior holds LoRA A and "
+                "B alone; give IVON those only"
+            )
+
+
+def _json_number(value: Any) -> Any:
+    """inf (IVON's default clip radius) as the string JSON can hold; tensors as numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _lora_module(key: str) -> tuple[str, str]:

@@ -655,6 +655,7 @@ def _summary(out: Path, config: TrainConfig, step: int, seconds: float) -> dict[
     tail = losses[-10:]
     return {
         "optimizer": config.optimizer,
+        "format": detect_format(Path(config.data), config.format),  # auto resolved: its readers'
         "config": {k: v for k, v in asdict(config).items() if k not in ("out", "threads")},
         "lr": config.learning_rate,
         "precision": resolved_precision(config),

@@ -32,12 +32,15 @@ from ivonserve.bench.common import (
     ServedArms,
     add_scoring_arguments,
     add_server_run,
+    check_server,
+    http_client,
     load_records,
     score_into_records,
+    served_models,
 )
 from ivonserve.bench.likelihood import parse_ks
 from ivonserve.bench.stats import bootstrap
-from ivonserve.choices import FORMS, MCQuestion, load_mc
+from ivonserve.choices import DEFAULT_FORM, FORMS, MCQuestion, load_mc
 from ivonserve.errors import IvonserveError
 
 METRICS = ("accuracy", "nll", "ece", "brier")
@@ -274,6 +277,7 @@ def write_plot(out: Path, arms: list[dict]) -> None:
 
 async def run(args: argparse.Namespace) -> dict:
     questions = load_mc(Path(args.data), args.limit, args.holdout)
+    args.form = await answer_form(args)
     plan, seconds = await score_into_records(
         args, questions, parse_ks(args.n_models), _key, score_all
     )
@@ -282,6 +286,23 @@ async def run(args: argparse.Namespace) -> dict:
     write_report(out, results)
     write_plot(out, results["arms"])
     return results
+
+
+async def answer_form(args: argparse.Namespace) -> str:
+    """``--form``, else the form the scored models were trained in (each one's own record, as
+    /v1/models' ``mc_form`` says), which must agree; else the server's default, letter."""
+    if args.form:
+        return args.form
+    async with http_client(args) as client:
+        await check_server(client, args.url)
+        served = await served_models(client)
+    models = args.model or [name for name, card in served.items() if card["default"]]
+    forms = {m: served[m].get("mc_form") or DEFAULT_FORM for m in models if m in served}
+    if len(set(forms.values())) > 1:
+        trained = ", ".join(f"{m} {form}" for m, form in forms.items())
+        raise IvonserveError(f"--form: the models were trained in different forms ({trained}); "
+                             "name one")  # fmt: skip
+    return next(iter(forms.values()), DEFAULT_FORM)
 
 
 def _update_results(
@@ -332,9 +353,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_scoring_arguments(parser, "multiple-choice jsonl: question, choices, label",
                           "bench/results/mc", concurrency=8)  # fmt: skip
     parser.add_argument("--dataset", help="its name in the results (default: the file's folder)")
-    parser.add_argument("--form", choices=FORMS, default="letter",
+    parser.add_argument("--form", choices=FORMS,
                         help="how the model answers: with the choice's letter, or its text "
-                        "(ivonserve.choices; default letter)")  # fmt: skip
+                        "(ivonserve.choices; default: the form the posterior was trained in, "
+                        "its record, else letter)")  # fmt: skip
     parser.add_argument("--fit-temperature", metavar="DIR",
                         help="a bench mc folder of the validation slice: add each K=0 arm "
                         "temperature-scaled on it")  # fmt: skip

@@ -200,6 +200,11 @@ class ModelCard(ResponseModel):
     )
     prune: float
     prune_by: str
+    mc_form: Literal["letter", "text"] | None = Field(
+        None,
+        description="the answer form /score/choices uses for a question that names none: the "
+        "one its training record names, else letter (None while the engine starts)",
+    )
     default: bool = Field(description="answers requests that name no model")
     ready: bool
 

@@ -25,6 +25,7 @@ from ivonserve.server.openai.protocol import (
     ModelCard,
     ModelList,
 )
+from ivonserve.server.score.serving import served_form
 from ivonserve.server.serving import render, template_messages, tokens_of
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ def model_list(state: EngineState, created: int) -> ModelList:
                 sampling_temperature=s.posterior_temperature,
                 prune=s.prune,
                 prune_by=s.prune_by,
+                mc_form=served_form(pool) if pool is not None else None,
                 default=i == 0,
                 ready=ready,
             )

@@ -99,8 +99,11 @@ class ChoiceScoreRequest(RequestModel):
     n_models: int | None = Field(
         None, ge=0, description="posterior draws to average, 0..pool size (0: the mean adapter)"
     )
-    form: Literal["letter", "text"] = Field(
-        "letter", description="letter: answer with the choice's letter; text: with its text"
+    form: Literal["letter", "text"] | None = Field(
+        None,
+        description="letter: answer with the choice's letter; text: with its text. Default: "
+        "the form the posterior was trained in (its training record; /v1/models' mc_form), "
+        "else letter",
     )
 
     @field_validator("choices")

@@ -87,7 +87,8 @@ class ScoringService(Service):
         engine = self.require_engine()
         pool = engine.pool(req.model)
         tokenizer = engine.tokenizer
-        if req.form == "letter":
+        form = req.form or served_form(pool)
+        if form == "letter":
             prompt_ids = mc.prompt_ids(tokenizer, req.question, req.choices)
             answers = [[t] for t in mc.letter_token_ids(tokenizer, len(req.choices))]
         else:
@@ -97,7 +98,7 @@ class ScoringService(Service):
         for answer in answers:
             self.limits.context(prompt_ids + answer, 1, engine.max_model_len)
         n_draws = self.limits.n_draws(req.n_models, pool)
-        return ChoicePlan(pool, req.form, prompt_ids, answers, n_draws)
+        return ChoicePlan(pool, form, prompt_ids, answers, n_draws)
 
     async def choices(
         self, plan: ChoicePlan, ticket: Ticket, log: dict[str, Any]
@@ -163,6 +164,12 @@ class ScoringService(Service):
             run.queue_s,
             time.perf_counter() - run.began,
         )
+
+
+def served_form(pool: Pool) -> str:
+    """The answer form of a question that names none: the posterior's own record (the form it
+    was trained in), else the server's default."""
+    return pool.info.get("mc_form") or mc.DEFAULT_FORM
 
 
 # --- the Bayesian averaging of the draws' scores ------------------------------------------------
