@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Hashable
@@ -162,21 +163,60 @@ async def plan_arms(client: httpx.AsyncClient, args: Any, ks: list[int]) -> Serv
     return ServedArms(served, models, requests, arms)
 
 
+def scoring_key(row: dict) -> tuple[str, str, int, int]:
+    """A scoring record's identity: (label, model, n_models, question index)."""
+    return (row["label"], row["model"], row["n_models"], row["index"])
+
+
 async def score_into_records(
-    args: Any, questions: list, ks: list[int], key: Callable[[dict], Hashable], score_all: Callable
+    args: Any,
+    questions: list,
+    ks: list[int],
+    endpoint: str,
+    body_of: Callable[[str, int, Any], dict],
+    row_of: Callable[[dict, Any], dict],
 ) -> tuple[ServedArms, float]:
-    """Plan the arms against the server, then ``score_all(client, requests, questions, done,
-    args, sink)`` every (request, question) not yet in ``args.out``'s records, appending to them.
-    Returns the plan and the seconds spent scoring."""
+    """Plan the arms against the server, then POST ``body_of(model, n_models, question)`` to
+    ``endpoint`` for every (request, question) not yet in ``args.out``'s records, ``concurrency``
+    at a time, appending each answer as the request's (label, model, n_models, index) and
+    ``row_of(answer, question)``. Returns the plan and the seconds spent scoring."""
+    from tqdm import tqdm
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     async with http_client(args) as client:
         plan = await plan_arms(client, args, ks)
-        done = load_records(out / RECORDS, key)
+        done = load_records(out / RECORDS, scoring_key)
+        todo = [(r, q) for r in plan.requests for q in questions if (*r, q.index) not in done]
+        semaphore = asyncio.Semaphore(args.concurrency)
+        bar = tqdm(total=len(todo), desc="scoring", unit="q", disable=args.no_progress)
         began = time.perf_counter()
+
+        async def one(request: tuple[str, str, int], question: Any, sink: Any) -> None:
+            label, model, n_models = request
+            async with semaphore:
+                response = await client.post(endpoint, json=body_of(model, n_models, question))
+            if response.status_code != 200:
+                raise IvonserveError(
+                    f"{args.url}{endpoint} answered {response.status_code}: {response.text[:300]}"
+                )
+            row = {"label": label, "model": model, "n_models": n_models, "index": question.index}
+            sink.write(json.dumps(row | row_of(response.json(), question)) + "\n")
+            sink.flush()
+            bar.update(1)
+
         with (out / RECORDS).open("a") as sink:
-            await score_all(client, plan.requests, questions, done, args, sink)
+            try:
+                await asyncio.gather(*(one(r, q, sink) for r, q in todo))
+            finally:
+                bar.close()
     return plan, time.perf_counter() - began
+
+
+def previous_results(out: Path) -> dict:
+    """What an earlier run left in ``out/results.json`` (nothing: {})."""
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def add_server_run(previous: dict, args: Any, plan: ServedArms, seconds: float) -> dict:

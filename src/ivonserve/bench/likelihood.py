@@ -23,9 +23,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
 
 from ivonserve.bench.common import (
@@ -36,7 +34,9 @@ from ivonserve.bench.common import (
     add_server_run,
     load_questions,
     load_records,
+    previous_results,
     score_into_records,
+    scoring_key,
 )
 from ivonserve.bench.stats import bootstrap_ci
 from ivonserve.errors import IvonserveError
@@ -65,50 +65,14 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _key(row: dict) -> tuple[str, str, int, int]:
-    return (row["label"], row["model"], row["n_models"], row["index"])
+def _body(model: str, n_models: int, question: Question) -> dict:
+    return {"prompt": question.question, "continuations": [question.solution], "model": model,
+            "n_models": n_models}  # fmt: skip
 
 
-async def score_all(
-    client: httpx.AsyncClient,
-    requests: list[tuple[str, str, int]],
-    questions: list[Question],
-    done: dict,
-    args: argparse.Namespace,
-    sink: Any,
-) -> None:
-    """Every (label, model, n_models) x question not yet in ``done``, ``concurrency`` at a time."""
-    from tqdm import tqdm
-
-    todo = [(r, q) for r in requests for q in questions if (*r, q.index) not in done]
-    semaphore = asyncio.Semaphore(args.concurrency)
-    bar = tqdm(total=len(todo), desc="scoring", unit="q", disable=args.no_progress)
-
-    async def one(request: tuple[str, str, int], question: Question) -> None:
-        label, model, n_models = request
-        body = {
-            "prompt": question.question,
-            "continuations": [question.solution],
-            "model": model,
-            "n_models": n_models,
-        }
-        async with semaphore:
-            response = await client.post("/score", json=body)
-        if response.status_code != 200:
-            raise IvonserveError(
-                f"{args.url}/score answered {response.status_code}: {response.text[:300]}"
-            )
-        (score,) = response.json()["scores"]
-        row = {"label": label, "model": model, "n_models": n_models, "index": question.index,
-               "tokens": score["tokens"], "draws": score["draws"]}  # fmt: skip
-        sink.write(json.dumps(row) + "\n")
-        sink.flush()
-        bar.update(1)
-
-    try:
-        await asyncio.gather(*(one(r, q) for r, q in todo))
-    finally:
-        bar.close()
+def _row(answer: dict, question: Question) -> dict:
+    (score,) = answer["scores"]
+    return {"tokens": score["tokens"], "draws": score["draws"]}
 
 
 def arm_values(arm: Arm, records: dict, questions: list[Question]) -> tuple[np.ndarray, np.ndarray]:
@@ -248,9 +212,8 @@ def write_plot(out: Path, arms: list[dict]) -> None:
 
 async def run(args: argparse.Namespace) -> dict:
     questions = load_questions(Path(args.data), args.limit, args.holdout)
-    plan, seconds = await score_into_records(
-        args, questions, parse_ks(args.n_models), _key, score_all
-    )
+    ks = parse_ks(args.n_models)
+    plan, seconds = await score_into_records(args, questions, ks, "/score", _body, _row)
     out = Path(args.out)
     results = _update_results(out, args, questions, [Arm(*a) for a in plan.arms], plan, seconds)
     write_report(out, results)
@@ -267,12 +230,11 @@ def _update_results(
     seconds: float,
 ) -> dict:
     """results.json over every arm recorded in this folder (earlier runs' labels included)."""
-    path = out / "results.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = previous_results(out)
     arms = [Arm(a["label"], a["model"], a["k"]) for a in previous.get("arms", [])]
     arms += [a for a in new_arms if a not in arms]
     configs = add_server_run(previous, args, plan, seconds)
-    records = load_records(out / RECORDS, _key)
+    records = load_records(out / RECORDS, scoring_key)
     results = {
         "url": args.url,
         "data": str(args.data),
@@ -281,7 +243,7 @@ def _update_results(
         "servers": configs,
         **summarise(arms, records, questions, args.seed),
     }
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

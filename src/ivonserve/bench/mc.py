@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from ivonserve import calibration
@@ -35,7 +35,9 @@ from ivonserve.bench.common import (
     check_server,
     http_client,
     load_records,
+    previous_results,
     score_into_records,
+    scoring_key,
     served_models,
 )
 from ivonserve.bench.likelihood import parse_ks
@@ -61,45 +63,16 @@ class Arm:
         return f"{head}{self.model} {tail}{scaled}"
 
 
-def _key(row: dict) -> tuple[str, str, int, int]:
-    return (row["label"], row["model"], row["n_models"], row["index"])
-
-
-async def score_all(
-    client: httpx.AsyncClient,
-    requests: list[tuple[str, str, int]],
-    questions: list[MCQuestion],
-    done: dict,
-    args: argparse.Namespace,
-    sink,
-) -> None:
-    from tqdm import tqdm
-
-    todo = [(r, q) for r in requests for q in questions if (*r, q.index) not in done]
-    semaphore = asyncio.Semaphore(args.concurrency)
-    bar = tqdm(total=len(todo), desc="scoring", unit="q", disable=args.no_progress)
-
-    async def one(request: tuple[str, str, int], question: MCQuestion) -> None:
-        label, model, n_models = request
-        body = {"question": question.question, "choices": list(question.choices),
+def _body(args: argparse.Namespace) -> Callable[[str, int, MCQuestion], dict]:
+    def body(model: str, n_models: int, question: MCQuestion) -> dict:
+        return {"question": question.question, "choices": list(question.choices),
                 "model": model, "n_models": n_models, "form": args.form}  # fmt: skip
-        async with semaphore:
-            response = await client.post("/score/choices", json=body)
-        if response.status_code != 200:
-            raise IvonserveError(
-                f"{args.url}/score/choices answered {response.status_code}: {response.text[:300]}"
-            )
-        answer = response.json()
-        row = {"label": label, "model": model, "n_models": n_models, "index": question.index,
-               "id": question.id, "choice_logprobs": answer["choice_logprobs"]}  # fmt: skip
-        sink.write(json.dumps(row) + "\n")
-        sink.flush()
-        bar.update(1)
 
-    try:
-        await asyncio.gather(*(one(r, q) for r, q in todo))
-    finally:
-        bar.close()
+    return body
+
+
+def _row(answer: dict, question: MCQuestion) -> dict:
+    return {"id": question.id, "choice_logprobs": answer["choice_logprobs"]}
 
 
 def arm_probs(arm: Arm, records: dict, questions: list[MCQuestion]) -> list[np.ndarray]:
@@ -183,7 +156,7 @@ def fitted_temperatures(validation: Path, arms: list[Arm], form: str) -> list[Ar
         raise IvonserveError(f"--fit-temperature: {validation} was answered by {results['form']}")
     data = load_mc(Path(results["data"]), results["limit"], results["holdout"])
     gold = {q.index: q.label for q in data}
-    records = load_records(path, _key)
+    records = load_records(path, scoring_key)
     out = []
     for arm in arms:
         if arm.k != 0 or arm.temperature is not None:
@@ -278,8 +251,9 @@ def write_plot(out: Path, arms: list[dict]) -> None:
 async def run(args: argparse.Namespace) -> dict:
     questions = load_mc(Path(args.data), args.limit, args.holdout)
     args.form = await answer_form(args)
+    ks = parse_ks(args.n_models)
     plan, seconds = await score_into_records(
-        args, questions, parse_ks(args.n_models), _key, score_all
+        args, questions, ks, "/score/choices", _body(args), _row
     )
     out = Path(args.out)
     results = _update_results(out, args, questions, [Arm(*a) for a in plan.arms], plan, seconds)
@@ -314,8 +288,7 @@ def _update_results(
     seconds: float,
 ) -> dict:
     """results.json over every arm recorded in this folder (earlier runs' labels included)."""
-    path = out / "results.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = previous_results(out)
     if previous and (previous["data"], previous["holdout"], previous["form"]) != (
         str(args.data),
         args.holdout,
@@ -324,7 +297,7 @@ def _update_results(
         raise IvonserveError(
             f"{out}: holds results of other questions or another --form; use another --out"
         )
-    records = load_records(out / RECORDS, _key)
+    records = load_records(out / RECORDS, scoring_key)
     indices = {q.index for q in questions}
     arms = [Arm(a["label"], a["model"], a["k"], a["temperature"]) for a in previous.get("arms", [])]
     # another --limit: an earlier label's arms rejoin once they cover these questions too
@@ -345,7 +318,7 @@ def _update_results(
         "servers": configs,
         **summarise(arms, records, questions, args.seed),
     }
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
