@@ -292,8 +292,9 @@ def write_report(out: Path, results: dict, command: str) -> None:
     ]
     for name, bank in results["banks"].items():
         served = bank["served"]
+        spread = f", ess {served['ess']:g}" if served["ess"] else ""
         lines.append(
-            f"- `{name}`: model `{bank['model']}` ({served['kind']}, ess {served['ess']}), "
+            f"- `{name}`: model `{bank['model']}` ({served['kind']}{spread}), "
             f"{bank['grid']}, temperature {bank['temperature']}"
         )
     refs = results["references"]
@@ -307,10 +308,11 @@ def write_report(out: Path, results: dict, command: str) -> None:
             f"| {_interval(row['accuracy'], row['accuracy_ci95'])} "
             f"| {row['tokens_per_question']:.0f} | " + " | ".join(cells) + " |"
         )
-    lines += ["", "## Is the confidence worth anything? (B = 32, or the bank's largest)", ""]
+    lines += ["", "## Is the confidence worth anything? (the comparison's points)", ""]
     lines += ["| bank | split | selector | accuracy % | AUROC | ECE | acc. at 50% | acc. at 80% |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in confidence_rows(results["points"]):
+    points = {(p["bank"], p["split"], p["selector"]): p for p in results["points"]}
+    for row in (points[(r["bank"], r["split"], r["selector"])] for r in results["headline"]):
         c = row["confidence"]
         auc = "-" if c["auroc"] is None else f"{c['auroc']:.3f}"
         lines.append(
@@ -336,20 +338,6 @@ def write_report(out: Path, results: dict, command: str) -> None:
     ]
     lines += ["", "Plot: `accuracy.png`.", ""]
     (out / "report.md").write_text("\n".join(lines))
-
-
-def confidence_rows(points: list[dict], budget: int = 32) -> list[dict]:
-    """Per bank and selector, the point at ``budget`` (or the bank's largest below it), with the
-    most draws."""
-    best: dict[tuple[str, str], dict] = {}
-    for p in points:
-        if p["budget"] > budget:
-            continue
-        key = (p["bank"], p["selector"])
-        mine = (p["budget"], p["draws"])
-        if key not in best or mine > (best[key]["budget"], best[key]["draws"]):
-            best[key] = p
-    return list(best.values())
 
 
 def write_plot(out: Path, results: dict) -> None:
