@@ -40,6 +40,7 @@ from ivonserve.errors import IvonserveError
 DEFAULT_SELECTORS = "majority,flat:chrf,model:chrf"
 BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 COVERAGES = (0.5, 0.8)
+PLOTTED_DRAWS = (0, 4, 8, 16, 32)  # the plot's lines of a posterior bank: K draws, S = 1, 2, ...
 SAME_ACROSS_BANKS = ("dataset", "data", "max_tokens", "seed")
 
 
@@ -356,7 +357,7 @@ def write_plot(out: Path, results: dict) -> None:
         for b, name in enumerate(banks):
             color = f"C{b % 10}"
             rows = [p for p in results["points"] if p["bank"] == name and p["selector"] == selector]
-            lines = sorted({p["draws"] for p in rows})
+            lines = sorted({p["draws"] for p in rows if p["draws"] in PLOTTED_DRAWS})
             for i, draws in enumerate(lines):
                 line = sorted((p for p in rows if p["draws"] == draws), key=lambda p: p["budget"])
                 x = [p["budget"] for p in line]
@@ -372,7 +373,7 @@ def write_plot(out: Path, results: dict) -> None:
                                   [p["accuracy_ci95"][1] * 100 for p in line], color=color,
                                   alpha=0.08)  # fmt: skip
         axis.set_xscale("log", base=2)
-        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_xlabel("candidates per question (K draws x S samples)")
         axis.set_title(selector)
         axis.grid(alpha=0.3)
