@@ -57,12 +57,18 @@ def make_tokenizer(out: Path, vocab_size: int = 512):
 
 def make_tiny_model(out: Path, seed: int = 0) -> Path:
     """A 2-layer Llama in float32 safetensors with its tokenizer (a few MB, under a second)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_tiny(out, seed, LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False)
+
+
+def _save_tiny(out: Path, seed: int, config_class, model_class, **architecture) -> Path:
+    """Hidden 128, 4 heads (head_dim 32: the least vLLM's CPU attention takes), 2 layers."""
+    import torch
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -74,11 +80,11 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
         torch_dtype="float32",
+        **architecture,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
     return out
@@ -114,31 +120,9 @@ LORA_TARGETS = ["q_proj", "v_proj"]  # the IVON-LoRA authors'
 def make_tiny_qwen2(out: Path, seed: int = 0) -> Path:
     """A 2-layer Qwen2 (biased q/k/v projections, tied embeddings, as Qwen2's small models)
     with the same tokenizer and head_dim 32: the second architecture served end to end."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(out)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config.do_sample = False
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return _save_tiny(out, seed, Qwen2Config, Qwen2ForCausalLM, tie_word_embeddings=True)
 
 
 def peft_model(model_dir: Path, seed: int = 0, **lora):
