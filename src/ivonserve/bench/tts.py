@@ -193,6 +193,9 @@ def replay(
     headline_splits: list[GridPoint],
     seed: int = 0,
 ) -> dict:
+    """Every bank at every split and selector on the questions all of them hold, paired with
+    ``baseline`` (a bank of the mean) at the same budget; the comparison against
+    ``references`` (the baseline at its full size, and ``versus``)."""
     indices = check_banks(banks)
     by_name = {b.name: b for b in banks}
     for name in [baseline, *(n for n, _ in versus)]:
@@ -241,8 +244,9 @@ def headline_rows(
     headline_splits: list[GridPoint],
     seed: int,
 ) -> list[dict]:
-    """The paper's comparison: every bank at its full size, the posterior banks also at the
-    headline splits, each against every reference on the same questions and selector."""
+    """The paper's comparison: a bank of the mean at its full size, a posterior bank at the
+    headline splits it holds (else at its full size), each against every reference on the same
+    questions and selector."""
     by_key = {(p["bank"], p["split"], p["selector"]): p for p in points}
     rows = []
     for bank in banks:
