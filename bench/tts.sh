@@ -76,6 +76,9 @@ echo "$(date -u +%FT%TZ) server ready; load $(cut -d' ' -f1-3 /proc/loadavg)"
 for limit in $LIMITS; do
   for bank in $BANKS; do
     IFS=: read -r name model grid <<<"$bank"
+    held=$({ cat "$OUT/$name/records.jsonl" || zcat "$OUT/$name/records.jsonl.gz"; } 2>/dev/null |
+      wc -l)
+    ((held >= limit)) && continue # asked before: a resumed run goes on where it stopped
     began=$(date +%s)
     .venv/bin/ivonserve bench gsm8k --url "http://127.0.0.1:$PORT" --model "$model" \
       --data "$DATA/$DATASET/test.jsonl" --dataset "$DATASET" --limit "$limit" --grid "$grid" \

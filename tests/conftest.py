@@ -13,11 +13,16 @@ stops the shared tiny server before starting the real-model one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,57 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def ivonserve_command() -> list[str]:
+    """The CLI as a user runs it: the installed script where there is one."""
+    script = Path(sys.executable).parent / "ivonserve"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ivonserve.cli"]
+
+
+def log_tail(log: Path) -> str:
+    """A server log's last lines, without the settings table printed at start-up."""
+    lines = log.read_text(errors="replace").splitlines()
+    kept = [line for line in lines if not line.startswith("  ")]
+    return "\n".join(kept[-40:])
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`ivonserve serve ARGS` as a real process on a free port, yielded (url, process) once
+    /ready answers; stopped as Ctrl-C stops it (SIGINT: the lifespan stops the engine)."""
+    port = free_port()
+    with log.open("w") as sink:
+        command = [*ivonserve_command(), "serve", *args, "--port", str(port)]
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_until_ready(proc, url, log)
+            yield url, proc
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_until_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    began = time.monotonic()
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ivonserve serve exited ({proc.returncode}):\n{log_tail(log)}")
+            if time.monotonic() - began > STARTUP_TIMEOUT_S:
+                pytest.fail(f"not ready after {STARTUP_TIMEOUT_S} s:\n{log_tail(log)}")
+            try:
+                if client.get("/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
 
 
 class LiveServer:

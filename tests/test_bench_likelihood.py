@@ -78,7 +78,8 @@ def test_a_rerun_resumes_and_a_label_adds_arms(live, data, tmp_path):
     asyncio.run(likelihood.run(_args(live.url, data, out, "--n-models", "0,2")))
     first = _records(out)
     lines = (out / "records.jsonl").read_text().splitlines()
-    (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # a killed run
+    torn = lines[-1][: len(lines[-1]) // 2]  # a run killed mid-write: no newline
+    (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + torn)
     asyncio.run(likelihood.run(_args(live.url, data, out, "--n-models", "0,2")))
     again = _records(out)
     assert len(again) == len(first) and again[:-1] == first[:-1]

@@ -152,7 +152,7 @@ def test_every_figure_of_the_replay_by_hand(banks):
     versus = _point(results, "post", "1x1", "majority")["vs_baseline"]
     assert (versus["a_only"], versus["b_only"]) == (1, 1)
     # the confidence: majority at 2x2 is 1/2 on question 0 (wrong) and 1 on question 1 (right):
-    # AUROC 1, ECE over 15 bins = (|0 - 1/2| + |1 - 1|) / 2 = 1/4; the most confident half is
+    # AUROC 1, ECE over 10 bins = (|0 - 1/2| + |1 - 1|) / 2 = 1/4; the most confident half is
     # question 1 alone: accuracy 1 at 50% coverage
     confidence = _point(results, "post", "2x2", "majority")["confidence"]
     assert confidence["auroc"] == 1.0 and confidence["ece"] == pytest.approx(0.25)
@@ -223,6 +223,12 @@ def test_packed_records_resume_where_they_stopped(banks):
     assert (folder / "records.jsonl").read_bytes() == gzip.decompress(packed.read_bytes())
     runs = json.loads((folder / BANK).read_text())["runs"]
     assert [r["command"] for r in runs] == ["ivonserve bench gsm8k ..."]
+    # another machine keeps the same base model in another folder: it resumes; another model not
+    moved = {**settings, "served": {**SERVED, "base_model": "/home/me/.cache/ivonserve/hand"}}
+    open_bank(folder, moved, "elsewhere", 2)
+    other = {**settings, "served": {**SERVED, "base_model": "/home/me/.cache/ivonserve/other"}}
+    with pytest.raises(IvonserveError, match=r"mean: served.base_model is 'hand' here, 'other'"):
+        open_bank(folder, other, "elsewhere", 2)
 
 
 def test_a_real_bank_replayed_at_full_size_gives_the_served_answers(live, tmp_path):

@@ -11,17 +11,12 @@ Runs last (e2e) after the shared tiny engine is stopped: one vLLM engine at a ti
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import HFReference, free_port, stop_live_servers
+from conftest import HFReference, serve_process, stop_live_servers
 from tiny import (
     ivon,
     ivon_loop,
@@ -85,11 +80,6 @@ def _mc_text_route(base: Path, root: Path) -> Path:
     return train(config, base, progress=False)
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).parent / "ivonserve"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ivonserve.cli"]
-
-
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     """(url, base model folder, {name: posterior folder}) of `ivonserve serve` on the Qwen2."""
@@ -101,42 +91,12 @@ def qwen(tmp_path_factory):
         "qwen-mc": _mc_text_route(base, root),
     }
     stop_live_servers()  # one vLLM engine at a time
-    port = free_port()
-    command = [*_command(), "serve", "--model", str(base), "--pool-size", "2", "--port",
-               str(port), "--dtype", "float32", "--max-model-len", "512", "--log-level",
-               "warning"]  # fmt: skip
+    args = ["--model", str(base), "--pool-size", "2", "--dtype", "float32", "--max-model-len",
+            "512", "--log-level", "warning"]  # fmt: skip
     for name, folder in posteriors.items():
-        command += ["--posterior", f"{name}={folder}"]
-    log = (root / "serve.log").open("w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, url, root / "serve.log")
+        args += ["--posterior", f"{name}={folder}"]
+    with serve_process(args, root / "serve.log") as (url, _):
         yield url, base, posteriors
-    finally:
-        proc.send_signal(signal.SIGINT)  # uvicorn shuts down; the lifespan stops the engine
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    began = time.monotonic()
-    with httpx.Client(base_url=url, timeout=10) as client:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ivonserve serve exited ({proc.returncode}):\n{log.read_text()}")
-            if time.monotonic() - began > 900:
-                pytest.fail(f"not ready after 900 s:\n{log.read_text()[-4000:]}")
-            try:
-                if client.get("/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
 
 
 def test_both_routes_serve_on_qwen2_with_a_2x2_fan_out(qwen):

@@ -12,15 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, stop_live_servers
+from conftest import serve_process, stop_live_servers
 
 from ivonserve.config import DEFAULT_POSTERIOR, repo_root
 
@@ -46,11 +44,6 @@ def e2e_posterior() -> Path:
     return repo_root() / DEFAULT_POSTERIOR
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).parent / "ivonserve"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ivonserve.cli"]
-
-
 @pytest.fixture(scope="module")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
     source = e2e_posterior()
@@ -63,48 +56,11 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory):
     posterior.mkdir()
     for name in POSTERIOR_FILES:
         shutil.copy2(source / name, posterior / name)
-    port = free_port()
-    log = (root / "serve.log").open("w")
-    command = [
-        *_command(), "serve",
-        "--posterior", f"{MODEL}={posterior}",
-        "--pool-size", "2",
-        "--port", str(port),
-        "--max-model-len", "1024",
-        "--log-level", "warning",
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    args = ["--posterior", f"{MODEL}={posterior}", "--pool-size", "2", "--max-model-len", "1024",
+            "--log-level", "warning"]  # fmt: skip
     began = time.monotonic()
-    try:
-        with httpx.Client(base_url=url, timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"ivonserve serve exited ({proc.returncode}):\n{_tail(root)}")
-                if time.monotonic() - began > 900:
-                    pytest.fail(f"not ready after 900 s:\n{_tail(root)}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
+    with serve_process(args, root / "serve.log") as (url, proc):
         yield url, time.monotonic() - began, proc
-    finally:
-        proc.send_signal(signal.SIGINT)  # uvicorn shuts down; the lifespan stops the engine
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
-def _tail(root: Path) -> str:
-    """The log's last lines, without the settings table printed at start-up."""
-    lines = (root / "serve.log").read_text(errors="replace").splitlines()
-    kept = [line for line in lines if not line.startswith("  ")]
-    return "\n".join(kept[-40:])
 
 
 def test_generate_on_smollm2_returns_four_candidates_and_a_consensus(smollm2_server):

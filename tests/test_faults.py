@@ -4,12 +4,8 @@ vLLM engine that dies under a running server (in a real `ivonserve serve` proces
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +16,7 @@ import httpx
 import psutil
 import pytest
 import torch
-from conftest import free_port, stop_live_servers
+from conftest import free_port, serve_process, stop_live_servers
 from safetensors.torch import load_file, save_file
 
 from ivonserve import cli
@@ -255,26 +251,14 @@ def test_bad_start_up_settings_are_one_line_and_exit_2(capsys, tiny_model, tiny_
 
 
 # --- the engine dies under a running server ---------------------------------------------------
-def _serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "ivonserve"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ivonserve.cli"]
-
-
 @pytest.mark.e2e
 def test_engine_death_fails_requests_and_readiness_then_exits_1(tmp_path, tiny_model,
                                                                  tiny_posterior):  # fmt: skip
     stop_live_servers()  # one vLLM engine at a time
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
-    command = [*_serve_command(), "serve", "--model", str(tiny_model),
-               "--posterior", f"tiny={tiny_posterior}", "--pool-size", "2", "--port", str(port),
-               "--enforce-eager", "--log-level", "info"]  # fmt: skip
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        _wait_ready(url, proc, log_path)
+    args = ["--model", str(tiny_model), "--posterior", f"tiny={tiny_posterior}", "--pool-size",
+            "2", "--enforce-eager", "--log-level", "info"]  # fmt: skip
+    with serve_process(args, log_path) as (url, proc):
         family = psutil.Process(proc.pid).children(recursive=True)
         result: dict[str, Any] = {}
         body = {"prompt": PROMPT, "n_models": 2, "n_samples": 4, "max_tokens": 450,
@@ -330,28 +314,9 @@ def test_engine_death_fails_requests_and_readiness_then_exits_1(tmp_path, tiny_m
         assert json.loads(result["generate"][-2].removeprefix("data: "))["type"] == "error"
         assert 503 in statuses and statuses[-1] == 503  # never back to 200
         assert proc.wait(timeout=120) == 1
-        text = log_path.read_text()
-        assert "the vLLM engine died" in text
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        assert "the vLLM engine died" in log_path.read_text()
     _, alive = psutil.wait_procs(family, timeout=60)
     assert not alive, alive  # no orphaned engine processes
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited ({proc.returncode}): {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("not ready after 900 s")
 
 
 def _wait_in_flight(url: str, result: dict[str, Any], count: int = 1) -> None:

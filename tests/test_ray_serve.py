@@ -8,7 +8,6 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,17 +15,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import free_port, stop_live_servers
+from conftest import free_port, ivonserve_command, stop_live_servers
 
 from ivonserve.ray_serve import BIND_ENV, pin_engine_threads
 
 PROMPT = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
 REPLICA = "x-ivonserve-replica"
-
-
-def _command(script: str) -> list[str]:
-    path = Path(sys.executable).parent / "ivonserve"
-    return [str(path), script] if path.is_file() else [sys.executable, "-m", "ivonserve", script]
 
 
 def _wait_running(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
@@ -53,7 +47,7 @@ def test_two_ray_serve_replicas_spread_agree_and_survive_a_kill(tmp_path, tiny_m
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve-ray.log"
-    command = [*_command("serve-ray"), "--replicas", "2", "--num-cpus", "1",
+    command = [*ivonserve_command(), "serve-ray", "--replicas", "2", "--num-cpus", "1",
                "--model", str(tiny_model), "--posterior", f"tiny={tiny_posterior}",
                "--pool-size", "2", "--dtype", "float32", "--enforce-eager", "--port", str(port),
                "--log-level", "warning"]  # fmt: skip

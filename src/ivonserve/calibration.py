@@ -1,5 +1,6 @@
 """How good and how honest a multiple-choice predictor is (pure numpy): accuracy, NLL, Brier
-score, expected calibration error and the reliability diagram's bins.
+score, expected calibration error and the reliability diagram's bins. The ECE and its bins serve
+the served answers' confidence too (`bench gsm8k`, `bench tts`), over ``ANSWER_ECE_BINS``.
 
 A prediction is one probability vector over a question's choices (2 to 5 of them, so the vectors
 of a data set may differ in length). Per-question values are kept so that intervals can be had by
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 ECE_BINS = 15
+# A served answer's confidence is a vote share or an expected utility over a few dozen
+# candidates: coarse values, so fewer bins (as `bench gsm8k` has always reported them).
+ANSWER_ECE_BINS = 10
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,12 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> fl
 def reliability(
     confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
 ) -> list[tuple[int, float, float]]:
-    """Per bin: (count, accuracy, mean confidence); empty bins are (0, nan, nan). A confidence
-    of exactly 1 falls in the last bin."""
+    """Per bin: (count, accuracy, mean confidence); empty bins are (0, nan, nan). Bin b holds
+    confidences in (b/bins, (b+1)/bins], as Guo et al. 2017 define them, with 0 in the first: a
+    vote share of 1/2 sits with the halves below it, not with 0.5-0.6."""
     confidence, correct = np.asarray(confidence), np.asarray(correct)
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     table = []
     for b in range(bins):
         members = which == b

@@ -93,7 +93,7 @@ def open_bank(folder: Path, settings: dict[str, Any], command: str, questions: i
     path = folder / BANK
     if path.exists():
         manifest = read_manifest(folder)
-        differing = _differences(manifest["settings"], settings)
+        differing = _differences(_comparable(manifest["settings"]), _comparable(settings))
         if differing:
             raise IvonserveError(f"{folder}: {differing}; a bank holds one run's settings")
     else:
@@ -117,6 +117,16 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise IvonserveError(f"{path}: format is {manifest.get('format')!r}, not {FORMAT!r}")
     return manifest
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings less where this machine keeps the base model: the served card names its
+    local folder (a converted copy under the user's cache), which differs from machine to
+    machine while the model does not, and a fresh checkout must resume the committed banks."""
+    served = dict(settings.get("served") or {})
+    if served.get("base_model"):
+        served["base_model"] = Path(served["base_model"]).name
+    return settings | {"served": served}
 
 
 def _differences(have: dict, want: dict, prefix: str = "") -> str:

@@ -186,6 +186,7 @@ async def score_into_records(
     out.mkdir(parents=True, exist_ok=True)
     async with http_client(args) as client:
         plan = await plan_arms(client, args, ks)
+        drop_torn_tail(out / RECORDS)
         done = load_records(out / RECORDS, scoring_key)
         todo = [(r, q) for r in plan.requests for q in questions if (*r, q.index) not in done]
         semaphore = asyncio.Semaphore(args.concurrency)

@@ -33,6 +33,7 @@ from ivonserve.bench.common import (
     served_models,
 )
 from ivonserve.bench.stats import wilson_interval
+from ivonserve.calibration import ANSWER_ECE_BINS, ece, reliability
 from ivonserve.errors import IvonserveError
 
 DEFAULT_GRID = "0x1,1x8,4x8,8x8"
@@ -134,19 +135,12 @@ async def run_point(
     return time.perf_counter() - began
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
-    """Expected calibration error over equal-width confidence bins, and the bins themselves."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    rows, ece = [], 0.0
-    for b in range(bins):
-        inside = which == b
-        if not inside.any():
-            continue
-        conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
-        ece += inside.mean() * abs(conf - acc)
-        rows.append({"bin": b, "count": int(inside.sum()), "confidence": conf, "accuracy": acc})
-    return {"ece": float(ece), "bins": rows}
+def calibration(confidence: np.ndarray, correct: np.ndarray) -> dict:
+    """The ECE of the served confidence and its non-empty bins (the reliability diagram)."""
+    table = reliability(confidence, correct, ANSWER_ECE_BINS)
+    rows = [{"bin": b, "count": count, "confidence": conf, "accuracy": acc}
+            for b, (count, acc, conf) in enumerate(table) if count]  # fmt: skip
+    return {"ece": ece(confidence, correct, ANSWER_ECE_BINS), "bins": rows}
 
 
 def summarise(point: GridPoint, rows: list[dict], wall_s: float | None) -> dict:

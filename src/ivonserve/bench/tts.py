@@ -141,7 +141,7 @@ def point_row(
         "confidence": {
             "mean": float(confidence.mean()),
             "auroc": found,
-            "ece": calibration.ece(confidence, correct),
+            "ece": calibration.ece(confidence, correct, calibration.ANSWER_ECE_BINS),
             **{
                 f"accuracy_at_{round(c * 100)}": accuracy_at_coverage(confidence, correct, c)
                 for c in COVERAGES
