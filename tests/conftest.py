@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -63,6 +64,20 @@ def bench_script(name: str):
     module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))
     spec.loader.exec_module(module)
     return module
+
+
+def bench_args(command: str, url: str, data: Path, out: Path, *extra: str) -> Any:
+    """`ivonserve bench COMMAND` against ``url`` as the CLI parses it, without progress bars."""
+    from ivonserve.cli import build_parser
+
+    argv = ["bench", command, "--url", url, "--data", str(data), "--out", str(out),
+            "--no-progress", *extra]  # fmt: skip
+    return build_parser().parse_args(argv)
+
+
+def read_records(folder: Path) -> list[dict]:
+    """A bench run's records, in the order they were written."""
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
 
 
 def free_port() -> int:

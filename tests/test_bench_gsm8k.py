@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_args, read_records
 
 from ivonserve.bench import gsm8k
-from ivonserve.cli import build_parser
 
 QUESTIONS = [
     {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
@@ -28,13 +28,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def _args(url: str, data: Path, out: Path, *extra: str):
-    argv = ["bench", "gsm8k", "--url", url, "--data", str(data), "--out", str(out)]
-    argv += ["--grid", "0x1,2x2", "--max-tokens", "8", "--no-progress", *extra]
-    return build_parser().parse_args(argv)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return bench_args("gsm8k", url, data, out, "--grid", "0x1,2x2", "--max-tokens", "8", *extra)
 
 
 def test_results_fields_and_accuracy_from_the_records(live, data, tmp_path):
@@ -42,7 +36,7 @@ def test_results_fields_and_accuracy_from_the_records(live, data, tmp_path):
     results = asyncio.run(gsm8k.run(_args(live.url, data, out)))
     assert results == json.loads((out / "results.json").read_text())
     assert {p["grid"] for p in results["points"]} == {"0x1", "2x2"}
-    records = _records(out)
+    records = read_records(out)
     assert len(records) == 6
     assert {r["gold"] for r in records} == {"5", "24", "1200"}
     for point in results["points"]:
@@ -65,12 +59,12 @@ def test_results_fields_and_accuracy_from_the_records(live, data, tmp_path):
 def test_rerun_skips_finished_questions(live, data, tmp_path):
     out = tmp_path / "resume"
     asyncio.run(gsm8k.run(_args(live.url, data, out)))
-    first = _records(out)
+    first = read_records(out)
     # A killed run: the last answer never made it to disk.
     lines = (out / "records.jsonl").read_text().splitlines()
     (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     results = asyncio.run(gsm8k.run(_args(live.url, data, out)))
-    again = _records(out)
+    again = read_records(out)
     assert len(again) == 6
     assert again[:5] == first[:5]  # untouched: those were not asked again
     assert (again[5]["grid"], again[5]["index"]) == (first[5]["grid"], first[5]["index"])
@@ -109,7 +103,7 @@ def test_model_reaches_the_named_posterior_and_an_unknown_one_is_one_line(live, 
                                           "--label", "adamw-like")))  # fmt: skip
     assert results["model"] == "tiny-mean" and results["label"] == "adamw-like"
     assert results["server"]["kind"] == "adapter"
-    assert {r["model"] for r in _records(out)} == {"tiny-mean"}  # the server says who answered
+    assert {r["model"] for r in read_records(out)} == {"tiny-mean"}  # who answered, says the server
     assert results["dataset"] == data.parent.name
     assert "# " + data.parent.name in (out / "report.md").read_text()
     run = subprocess.run(

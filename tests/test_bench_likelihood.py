@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bench_args, read_records
 
 from ivonserve.bench import likelihood
-from ivonserve.cli import build_parser
 from ivonserve.predictive import sequence_predictive
 
 ROWS = [
@@ -32,13 +32,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def _args(url: str, data: Path, out: Path, *extra: str):
-    argv = ["bench", "likelihood", "--url", url, "--data", str(data), "--out", str(out),
-            "--no-progress", *extra]  # fmt: skip
-    return build_parser().parse_args(argv)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return bench_args("likelihood", url, data, out, *extra)
 
 
 def test_arms_come_from_the_records(live, data, tmp_path):
@@ -50,7 +44,7 @@ def test_arms_come_from_the_records(live, data, tmp_path):
     assert results["questions"] == 3 and results["holdout"] == 3  # the last three rows
     names = [a["arm"] for a in results["arms"]]
     assert names == ["tiny mean", "tiny K=1", "tiny K=2", "tiny K=4", "tiny-mean mean"]
-    records = _records(out)
+    records = read_records(out)
     # per model one request at K = 0 and one at the largest K (smaller K are its prefixes)
     assert sorted({(r["model"], r["n_models"]) for r in records}) == [
         ("tiny", 0), ("tiny", 4), ("tiny-mean", 0)
@@ -76,12 +70,12 @@ def test_arms_come_from_the_records(live, data, tmp_path):
 def test_a_rerun_resumes_and_a_label_adds_arms(live, data, tmp_path):
     out = tmp_path / "resume"
     asyncio.run(likelihood.run(_args(live.url, data, out, "--n-models", "0,2")))
-    first = _records(out)
+    first = read_records(out)
     lines = (out / "records.jsonl").read_text().splitlines()
     torn = lines[-1][: len(lines[-1]) // 2]  # a run killed mid-write: no newline
     (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + torn)
     asyncio.run(likelihood.run(_args(live.url, data, out, "--n-models", "0,2")))
-    again = _records(out)
+    again = read_records(out)
     assert len(again) == len(first) and again[:-1] == first[:-1]
     results = asyncio.run(
         likelihood.run(_args(live.url, data, out, "--n-models", "1", "--label", "other"))

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bench_args, read_records
 from tiny import MC_ROWS, write_mc_data
 
 from ivonserve import calibration
 from ivonserve.bench import mc
-from ivonserve.cli import build_parser
 
 
 @pytest.fixture
@@ -25,13 +25,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def _args(url: str, data: Path, out: Path, *extra: str):
-    argv = ["bench", "mc", "--url", url, "--data", str(data), "--out", str(out),
-            "--no-progress", *extra]  # fmt: skip
-    return build_parser().parse_args(argv)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return bench_args("mc", url, data, out, *extra)
 
 
 def test_arms_metrics_come_from_the_records(live, data, tmp_path):
@@ -44,7 +38,7 @@ def test_arms_metrics_come_from_the_records(live, data, tmp_path):
     assert results["ece_bins"] == 15
     names = [a["arm"] for a in results["arms"]]
     assert names == ["tiny mean", "tiny K=1", "tiny K=2", "tiny K=4", "tiny-mean mean"]
-    records = _records(out)
+    records = read_records(out)
     assert sorted({(r["model"], r["n_models"]) for r in records}) == [
         ("tiny", 0), ("tiny", 4), ("tiny-mean", 0)
     ]  # fmt: skip
@@ -82,17 +76,17 @@ def test_a_rerun_resumes_and_temperature_scaling_is_fitted_on_validation(live, d
     validation, out = tmp_path / "validation", tmp_path / "test"
     asyncio.run(mc.run(_args(live.url, data, validation, "--n-models", "0", "--holdout", "3")))
     asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0,2")))
-    first = _records(out)
+    first = read_records(out)
     lines = (out / "records.jsonl").read_text().splitlines()
     (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # a killed run
     again = _args(live.url, data, out, "--n-models", "0,2", "--fit-temperature", str(validation))
     results = asyncio.run(mc.run(again))
-    assert len(_records(out)) == len(first)
+    assert len(read_records(out)) == len(first)
     scaled = [a for a in results["arms"] if a["temperature"] is not None]
     # the mean's fitted temperature, and the predictive with each draw scaled by it
     assert [a["k"] for a in scaled] == [0, 2] and "+TS(T=" in scaled[0]["arm"]
     assert scaled[0]["temperature"] == scaled[1]["temperature"]
-    rows = [r for r in _records(validation)]
+    rows = read_records(validation)
     gold = {i: row["label"] for i, row in enumerate(MC_ROWS[-3:])}
     expected = calibration.fit_temperature(
         [r["choice_logprobs"][0] for r in rows], [gold[r["index"]] for r in rows]
@@ -112,7 +106,7 @@ def test_text_form_scores_each_choice_text(live, data, tmp_path):
     out = tmp_path / "text"
     results = asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0,2", "--form", "text")))
     assert results["form"] == "text" and "answered by text" in (out / "report.md").read_text()
-    assert {len(r["choice_logprobs"][0]) for r in _records(out)} == {2, 3, 4, 5}
+    assert {len(r["choice_logprobs"][0]) for r in read_records(out)} == {2, 3, 4, 5}
     again = _args(live.url, data, out, "--n-models", "0,2", "--form", "letter")
     with pytest.raises(Exception, match="another --form"):
         asyncio.run(mc.run(again))
@@ -143,7 +137,7 @@ def test_a_longer_limit_scores_only_the_rest(live, data, tmp_path):
     asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0", "--limit", "3",
                              "--label", "other")))  # fmt: skip
     results = asyncio.run(mc.run(_args(live.url, data, out, "--n-models", "0")))
-    records = _records(out)
+    records = read_records(out)
     assert len(records) == len(MC_ROWS) + 3  # the first 3 were not asked again
     assert results["questions"] == len(MC_ROWS) and results["limit"] is None
     assert [a["label"] for a in results["arms"]] == [""]

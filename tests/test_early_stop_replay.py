@@ -7,7 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from conftest import bench_script
+from conftest import bench_script, read_records
 
 from ivonserve.bench import gsm8k
 from ivonserve.cli import build_parser
@@ -54,7 +54,7 @@ def test_replayed_off_selects_what_the_server_chose(live, tmp_path: Path):
             "--grid", "2x3", "--max-tokens", "12", "--early-stop", "off", "--candidates",
             "--selection", "flat", "--no-progress"]  # fmt: skip
     asyncio.run(gsm8k.run(build_parser().parse_args(argv)))
-    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    rows = read_records(out)
     for row in rows:
         assert len(row["candidates"]) == 6
         assert sum(c[2] for c in row["candidates"]) == row["completion_tokens"]
