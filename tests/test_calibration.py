@@ -29,6 +29,9 @@ def test_ece_by_hand():
     table = cal.reliability(confidence, correct, bins=2)
     assert table[0] == (2, 0.5, pytest.approx(0.35)) and table[1] == (2, 1.0, pytest.approx(0.85))
     assert cal.reliability(np.array([1.0]), np.array([1.0]), bins=15)[-1][0] == 1  # 1.0: last bin
+    # bins are closed on the right (Guo et al.): a vote share of 4/8 or 3/10 sits below its edge
+    assert cal.reliability(np.array([0.5, 0.0]), np.array([1.0, 0.0]), bins=2)[0][0] == 2
+    assert cal.reliability(np.array([3 / 10]), np.array([1.0]), bins=10)[2][0] == 1
     assert cal.ece(np.array([0.6, 0.6]), np.array([1.0, 0.0])) == pytest.approx(0.1)
 
 
