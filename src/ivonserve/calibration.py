@@ -58,7 +58,7 @@ def reliability(
 ) -> list[tuple[int, float, float]]:
     """Per bin: (count, accuracy, mean confidence); empty bins are (0, nan, nan). Bin b holds
     confidences in (b/bins, (b+1)/bins], as Guo et al. 2017 define them, with 0 in the first: a
-    vote share of 1/2 sits with the halves below it, not with 0.5-0.6."""
+    vote share of exactly 1/2 falls in the bin that ends at 1/2 (vote shares often sit on edges)."""
     confidence, correct = np.asarray(confidence), np.asarray(correct)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
