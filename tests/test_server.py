@@ -352,7 +352,9 @@ def test_vllm_sampling_extensions_apply_to_every_draw(client, engine):
         post(client, {**base, **extra})
     for body, field in (({"best_of": 2}, "best_of"), ({"repetition_penalty": 0}, "repetition"),
                         ({"min_tokens": 20}, "min_tokens"), ({"logit_bias": {"x": 1}}, "logit"),
-                        ({"stop_token_ids": [10**7]}, "stop_token_ids")):  # fmt: skip
+                        ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+                        ({"logit_bias": {str(10**7): 1}}, "logit_bias"),
+                        ({"top_k": 2**64}, "top_k")):  # fmt: skip
         answer = client.post("/generate", json={**base, **body})
         assert answer.status_code == 422, (body, answer.text)
         assert field in answer.json()["error"]["message"], answer.text

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ivonserve import mbr
 
-MAX_SEED = (1 << 63) - 1
+MAX_INT64 = (1 << 63) - 1  # vLLM's engine messages (msgpack) carry at most int64
+MAX_SEED = MAX_INT64
 VLLM_SAMPLING_EXTENSIONS = (
     "top_k",
     "min_p",
@@ -111,7 +112,9 @@ class FanOutOptions(RequestModel):
         return value
 
     # vLLM's sampling extensions (its OpenAI server takes them too), applied to every draw
-    top_k: int | None = Field(None, ge=-1, description="sample among the k likeliest (0, -1: all)")
+    top_k: int | None = Field(
+        None, ge=-1, le=MAX_INT64, description="sample among the k likeliest (0, -1: all)"
+    )
     min_p: float | None = Field(
         None, ge=0, le=1, description="drop tokens below min_p x the likeliest's probability"
     )

@@ -79,6 +79,7 @@ class GenerationService(Service):
         prompt_ids = prompt(engine)
         limits.prompt(prompt_ids, prompt_field, engine.max_model_len)
         limits.token_ids(req.stop_token_ids or (), engine.vocab_size, "stop_token_ids")
+        limits.token_ids([int(t) for t in req.logit_bias or {}], engine.vocab_size, "logit_bias")
         s = self.settings
         sampling = SamplingOptions(
             max_tokens=max_tokens,
